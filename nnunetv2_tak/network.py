@@ -1,0 +1,200 @@
+"""Text-prior segmentation network: any nnU-Net UNet whose 1x1 segmentation layers are replaced by
+a per-class dynamic head whose parameters come from frozen text embeddings and the image.
+
+Shapes: B batch, C classes (background included), K prompt kinds, D text embedding dim,
+S spatial dims (2 or 3), P dynamic-head parameters per class.
+
+The backbone is whatever nnU-Net planned (PlainConvUNet, ResidualEncoderUNet, 2D or 3D): we keep
+its encoder and decoder and swap each ``decoder.seg_layers[i]`` for a small projection to
+``head_channels`` feature maps, so the stock decoder forward (and nnU-Net's deep-supervision
+switch ``decoder.deep_supervision``) is reused unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextPriorConfig:
+    """Geometry of the text-prior head. ``num_kinds``/``embed_dim`` must match the text embeddings."""
+
+    num_kinds: int = 2
+    embed_dim: int = 512
+    hidden_dim: int = 256
+    head_channels: int = 8
+    num_image_stages: int = 3
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, int]) -> TextPriorConfig:
+        known = {k: int(v) for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def num_dynamic_params(self) -> int:
+        """P: weights and biases of the 3-layer per-class head (h->h->h->1)."""
+        h = self.head_channels
+        return (h * h + h) * 2 + (h + 1)
+
+
+def split_dynamic_params(params: torch.Tensor, head_channels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[B, C, P] -> [(w1 [B*C, h, h], b1 [B*C, h, 1]), (w2, b2), (w3 [B*C, 1, h], b3 [B*C, 1, 1])]."""
+    h = head_channels
+    flat = params.reshape(-1, params.shape[-1])
+    sizes = [h * h, h, h * h, h, h, 1]
+    w1, b1, w2, b2, w3, b3 = torch.split(flat, sizes, dim=1)
+    return [
+        (w1.reshape(-1, h, h), b1.reshape(-1, h, 1)),
+        (w2.reshape(-1, h, h), b2.reshape(-1, h, 1)),
+        (w3.reshape(-1, 1, h), b3.reshape(-1, 1, 1)),
+    ]
+
+
+def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channels: int) -> torch.Tensor:
+    """Per-sample, per-class 1x1 MLP as three batched matmuls (no loop over samples or classes).
+
+    features: [B, h, *S]; params: [B, C, P] -> logits [B, C, *S].
+    """
+    b, h = features.shape[:2]
+    spatial = features.shape[2:]
+    c = params.shape[1]
+    (w1, b1), (w2, b2), (w3, b3) = split_dynamic_params(params, head_channels)
+    x = features.reshape(b, h, -1)  # [B, h, N]
+    # layer 1 for all classes at once: [B, C*h, h] @ [B, h, N]
+    x = torch.relu(torch.baddbmm(b1.reshape(b, c * h, 1), w1.reshape(b, c * h, h), x))
+    x = x.reshape(b * c, h, -1)
+    x = torch.relu(torch.baddbmm(b2, w2, x))
+    x = torch.baddbmm(b3, w3, x)  # [B*C, 1, N]
+    return x.reshape(b, c, *spatial)
+
+
+class TextPriorHead(nn.Module):
+    """Turns frozen text embeddings E [C, K, D] and multi-scale encoder features into per-class
+    dynamic-head parameters [B, C, P]."""
+
+    def __init__(self, num_classes: int, stage_channels: list[int], config: TextPriorConfig):
+        super().__init__()
+        self.config = config
+        hid = config.hidden_dim
+        self.register_buffer("text_embeddings", torch.zeros(num_classes, config.num_kinds, config.embed_dim))
+        self.kind_mlp = nn.Sequential(nn.Linear(config.embed_dim, hid), nn.ReLU(inplace=True))
+        self.text_fuse = nn.Sequential(nn.Linear(config.num_kinds * hid, hid), nn.ReLU(inplace=True))
+        self.image_pool = nn.ModuleList(
+            nn.ModuleDict({
+                "norm": nn.GroupNorm(math.gcd(16, ch), ch),
+                "proj": nn.Linear(ch, hid),
+            })
+            for ch in stage_channels
+        )
+        self.controller = nn.Linear(2 * hid, config.num_dynamic_params)
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_embeddings.shape[0]
+
+    def text_features(self) -> torch.Tensor:
+        """E [C, K, D] -> per-class text feature [C, hidden]."""
+        per_kind = self.kind_mlp(self.text_embeddings)  # [C, K, hidden]
+        return self.text_fuse(per_kind.flatten(1))
+
+    def image_features(self, deep_skips: list[torch.Tensor]) -> torch.Tensor:
+        """Deepest encoder stages [B, ch_i, *S_i] -> pooled image feature [B, hidden] (mean over stages)."""
+        pooled = [
+            pool["proj"](torch.relu(pool["norm"](skip)).flatten(2).mean(dim=2))
+            for pool, skip in zip(self.image_pool, deep_skips, strict=True)
+        ]
+        return torch.stack(pooled, dim=0).mean(dim=0)
+
+    def forward(self, deep_skips: list[torch.Tensor]) -> torch.Tensor:
+        """-> dynamic parameters [B, C, P]."""
+        image = self.image_features(deep_skips)  # [B, hidden]
+        text = self.text_features().to(image.dtype)  # [C, hidden]
+        b, c = image.shape[0], text.shape[0]
+        joint = torch.cat([image[:, None, :].expand(b, c, -1), text[None].expand(b, c, -1)], dim=2)
+        return self.controller(joint)
+
+
+def _head_input(encoder: nn.Module, channels: int, head_channels: int) -> nn.Sequential:
+    """Decoder features [B, channels, *S] -> [B, head_channels, *S]: norm, nonlinearity, 1x1 conv."""
+    norm = encoder.norm_op(channels, **(encoder.norm_op_kwargs or {})) if encoder.norm_op else nn.Identity()
+    nonlin = encoder.nonlin(**(encoder.nonlin_kwargs or {})) if encoder.nonlin else nn.Identity()
+    return nn.Sequential(norm, nonlin, encoder.conv_op(channels, head_channels, 1, 1, 0, bias=True))
+
+
+class TextPriorUNet(nn.Module):
+    """nnU-Net UNet with the text-prior head on every (deep-supervision) output.
+
+    forward(x [B, in, *S]) -> logits [B, C, *S], or a list of them (largest first) when
+    ``decoder.deep_supervision`` is on, exactly like the wrapped nnU-Net network.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, config: TextPriorConfig | None = None):
+        super().__init__()
+        config = config or TextPriorConfig()
+        self.config = config
+        self.encoder = backbone.encoder
+        self.decoder = backbone.decoder
+        channels = list(self.encoder.output_channels)
+        n_decoder_stages = len(self.decoder.seg_layers)
+        # seg_layers[s] sits after decoder stage s whose width is the skip width channels[-(s + 2)];
+        # we always build every one so deep-supervision checkpoints load without it too.
+        self.decoder.seg_layers = nn.ModuleList(
+            _head_input(self.encoder, channels[-(s + 2)], config.head_channels) for s in range(n_decoder_stages)
+        )
+        self.num_image_stages = min(config.num_image_stages, len(channels))
+        self.text_prior = TextPriorHead(num_classes, channels[-self.num_image_stages:], config)
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_prior.num_classes
+
+    def set_text_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Copy frozen text embeddings [C, K, D] into the network state."""
+        expected = tuple(self.text_prior.text_embeddings.shape)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(
+                f"text embeddings have shape {list(embeddings.shape)} but this network was built for "
+                f"{list(expected)} (classes, prompt kinds, embedding dim)"
+            )
+        with torch.no_grad():
+            self.text_prior.text_embeddings.copy_(embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = self.encoder(x)
+        params = self.text_prior(skips[-self.num_image_stages:])  # [B, C, P]
+        head_features = self.decoder(skips)
+        h = self.config.head_channels
+        if isinstance(head_features, list | tuple):
+            return [apply_dynamic_head(f, params, h) for f in head_features]
+        return apply_dynamic_head(head_features, params, h)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "text_prior.text_embeddings"
+        own = self.text_prior.text_embeddings
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(own.shape):
+            raise RuntimeError(
+                f"the checkpoint's text embeddings have shape {list(state_dict[key].shape)} (classes, kinds, "
+                f"dim) but the network was built for {list(own.shape)} from the plans' 'tak_text_prior' entry "
+                f"{self.config.to_dict()}. Use the plans.json saved in the model's results folder."
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """Strip DDP and torch.compile wrappers."""
+    if hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)

@@ -1,0 +1,254 @@
+"""Text embeddings E [C, K, D]: encoding with open_clip, user-provided files, and the provenance cache.
+
+The cache lives beside the preprocessed data (``nnUNet_preprocessed/DatasetXXX/tak_text_embeddings.pt``)
+and records where E came from: source (open_clip / file / random), model, pretrained tag or path,
+prompt hash and class order. Nothing here ever substitutes random text for missing weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nnunetv2_tak.prompts import ResolvedPrompts
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILENAME = "tak_text_embeddings.pt"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+RANDOM_WEIGHTS = "random-init"  # --pretrained value for an open_clip model with random weights (tests)
+
+
+class TextEmbeddingError(RuntimeError):
+    """Text embeddings are missing, stale, or do not fit the dataset."""
+
+
+@dataclass
+class TextEmbeddings:
+    tensor: torch.Tensor  # [C, K, D] float32
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.tensor.shape)  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        p = self.provenance
+        if p.get("source") == "open_clip":
+            what = f"open_clip {p.get('model')} / {p.get('pretrained')}"
+        elif p.get("source") == "file":
+            what = f"embedding file {p.get('file')}"
+        else:
+            what = f"RANDOM text embeddings (seed {p.get('seed')}) - no textual knowledge"
+        return f"{what}, shape {list(self.shape)}, classes {p.get('class_names')}"
+
+
+def how_to_provide(dataset: str) -> str:
+    return (
+        f"Provide text embeddings for {dataset} in one of these ways:\n"
+        f"  1. encode the prompts with open_clip weights available offline:\n"
+        f"     nnUNetv2_tak_encode_prompts -d {dataset} --model {DEFAULT_MODEL} --pretrained /path/to/open_clip_model.bin\n"
+        f"     (or, with internet access once: --pretrained {DEFAULT_PRETRAINED}, which downloads and caches the weights)\n"
+        f"  2. import precomputed embeddings [C, K, D] or [K*C, D]:\n"
+        f"     nnUNetv2_tak_encode_prompts -d {dataset} --embeddings FILE.pt\n"
+        f"  3. for tests/ablations only, train with random text explicitly: -tr nnUNetTrainerTAK_RandomText"
+    )
+
+
+def _file_fingerprint(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def encode_prompts(
+    prompts: ResolvedPrompts,
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> TextEmbeddings:
+    """Encode every sentence with open_clip's text tower; sentences of one kind are averaged.
+
+    ``pretrained``: an open_clip tag (downloads once when online), a local checkpoint path, or
+    ``random-init`` for random weights (explicit; used by tests). Returns E [C, K, D].
+    """
+    import open_clip
+
+    random_init = pretrained == RANDOM_WEIGHTS
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=None if random_init else pretrained, device=device,
+            require_pretrained=not random_init, load_weights=not random_init,
+        )
+    except Exception as e:  # open_clip raises RuntimeError/HF errors/OSError for missing weights
+        raise TextEmbeddingError(
+            f"could not load open_clip model '{model_name}' with pretrained '{pretrained}': {e}\n"
+            "Offline, pass a local checkpoint file with --pretrained PATH (or a precomputed --embeddings FILE)."
+        ) from e
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    flat = [s for per_class in prompts.sentences for per_kind in per_class for s in per_kind]
+    with torch.no_grad():
+        chunks = [
+            model.encode_text(tokenizer(flat[i:i + batch_size]).to(device)).float().cpu()
+            for i in range(0, len(flat), batch_size)
+        ]
+    encoded = torch.cat(chunks)  # [n_sentences, D]
+    per_kind, start = [], 0
+    for per_class in prompts.sentences:
+        for sentences in per_class:
+            per_kind.append(encoded[start:start + len(sentences)].mean(0))
+            start += len(sentences)
+    tensor = torch.stack(per_kind).reshape(len(prompts.class_names), len(prompts.kinds), -1)
+    provenance = {
+        "source": "open_clip",
+        "model": model_name,
+        "pretrained": pretrained,
+        "open_clip_version": open_clip.__version__,
+        "aggregation": "mean of encode_text over the sentences of each kind (not normalised)",
+    }
+    if os.path.isfile(pretrained):
+        provenance["pretrained_file"] = _file_fingerprint(pretrained)
+    return TextEmbeddings(tensor.contiguous(), _with_dataset_info(provenance, prompts.class_names, prompts.kinds,
+                                                                  prompts.digest(), prompts.matched))
+
+
+def _with_dataset_info(provenance: dict, class_names: Sequence[str], kinds: Sequence[str],
+                       prompt_sha256: str | None, matched: Sequence[str] | None = None) -> dict:
+    provenance = dict(provenance)
+    provenance.update({
+        "class_names": list(class_names),
+        "kinds": list(kinds),
+        "prompt_sha256": prompt_sha256,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    if matched is not None:
+        provenance["matched_prompt_classes"] = list(matched)
+    return provenance
+
+
+def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
+                        kinds: Sequence[str] | None = None) -> TextEmbeddings:
+    """Read a precomputed tensor file (.pt/.pth saved with torch.save, or .npy).
+
+    Accepted: [C, K, D], or [K*C, D] with the kinds stacked (rows 0..C-1 = kind 0, ...), or a dict
+    with key 'embeddings'. C must equal the dataset's number of classes (background included).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TextEmbeddingError(f"embedding file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            obj = torch.from_numpy(np.load(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TextEmbeddingError(f"embedding file {path} cannot be read ({e}); save it with torch.save or "
+                                 "numpy.save") from e
+    if isinstance(obj, Mapping):
+        if "embeddings" not in obj:
+            raise TextEmbeddingError(f"embedding file {path} holds a dict without an 'embeddings' entry")
+        obj = obj["embeddings"]
+    if not isinstance(obj, torch.Tensor):
+        raise TextEmbeddingError(f"embedding file {path} holds {type(obj).__name__}, expected a tensor")
+    tensor = obj.detach().float().cpu()
+    c = len(class_names)
+    if tensor.ndim == 2:
+        if tensor.shape[0] % c:
+            raise TextEmbeddingError(
+                f"embedding file {path} has shape {list(tensor.shape)}: {tensor.shape[0]} rows is not a multiple "
+                f"of the dataset's {c} classes {list(class_names)} (expected [K*{c}, D] with kinds stacked, or "
+                f"[{c}, K, D])"
+            )
+        tensor = tensor.reshape(tensor.shape[0] // c, c, -1).transpose(0, 1)
+    elif tensor.ndim != 3:
+        raise TextEmbeddingError(f"embedding file {path} has shape {list(tensor.shape)}; expected [C, K, D] or "
+                                 "[K*C, D]")
+    if tensor.shape[0] != c:
+        raise TextEmbeddingError(
+            f"embedding file {path} has {tensor.shape[0]} classes (shape {list(tensor.shape)}) but the dataset "
+            f"has {c}: {list(class_names)}. Rows must follow dataset.json label order, background first."
+        )
+    if not torch.isfinite(tensor).all():
+        raise TextEmbeddingError(f"embedding file {path} contains NaN or infinite values")
+    k = tensor.shape[1]
+    kinds = list(kinds) if kinds is not None and len(kinds) == k else [f"kind{i}" for i in range(k)]
+    provenance = {"source": "file", "file": str(path.resolve()), "file_sha256": _sha256(path)}
+    return TextEmbeddings(tensor.contiguous(), _with_dataset_info(provenance, class_names, kinds, None))
+
+
+def random_text_embeddings(class_names: Sequence[str], num_kinds: int = 2, embed_dim: int = 512,
+                           seed: int = 0) -> TextEmbeddings:
+    """Seeded Gaussian embeddings [C, K, D]: the explicit 'random text' ablation, never a fallback."""
+    gen = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(len(class_names), num_kinds, embed_dim, generator=gen)
+    provenance = {"source": "random", "seed": seed}
+    return TextEmbeddings(tensor, _with_dataset_info(provenance, class_names,
+                                                     [f"kind{i}" for i in range(num_kinds)], None))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_cache(folder: str | os.PathLike, embeddings: TextEmbeddings) -> Path:
+    """Write E and its provenance to ``folder/tak_text_embeddings.pt`` (+ a readable .json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CACHE_FILENAME
+    tmp = target.with_suffix(".tmp")
+    torch.save({"embeddings": embeddings.tensor, "provenance": embeddings.provenance}, tmp)
+    os.replace(tmp, target)
+    target.with_suffix(".json").write_text(json.dumps(
+        {**embeddings.provenance, "shape": list(embeddings.shape)}, indent=2))
+    return target
+
+
+def load_cache(folder: str | os.PathLike) -> TextEmbeddings | None:
+    path = Path(folder) / CACHE_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return TextEmbeddings(obj["embeddings"].float(), dict(obj["provenance"]))
+    except Exception as e:
+        raise TextEmbeddingError(f"text embedding cache {path} cannot be read ({e}); delete it and run "
+                                 "nnUNetv2_tak_encode_prompts again") from e
+
+
+def cache_mismatch(cached: TextEmbeddings, class_names: Sequence[str], prompts: ResolvedPrompts | None,
+                   model_name: str | None = None, pretrained: str | None = None) -> str | None:
+    """Why a cached E does not fit the current dataset/prompts/requested encoder; None if it fits."""
+    p = cached.provenance
+    if list(p.get("class_names", [])) != list(class_names):
+        return f"class order changed: cache {p.get('class_names')} vs dataset.json {list(class_names)}"
+    if cached.tensor.shape[0] != len(class_names):
+        return f"cache has {cached.tensor.shape[0]} classes, dataset has {len(class_names)}"
+    if p.get("source") == "open_clip":
+        if prompts is not None and p.get("prompt_sha256") != prompts.digest():
+            return "the prompts changed since the cache was encoded"
+        if model_name is not None and p.get("model") != model_name:
+            return f"model {p.get('model')} in the cache, {model_name} requested"
+        if pretrained is not None and p.get("pretrained") != pretrained:
+            return f"pretrained {p.get('pretrained')} in the cache, {pretrained} requested"
+    elif p.get("source") == "file":
+        if model_name is not None or pretrained is not None:
+            return f"the cache holds embeddings imported from {p.get('file')}, but an open_clip encoder was requested"
+    else:
+        return f"unknown cache source {p.get('source')!r}"
+    return None

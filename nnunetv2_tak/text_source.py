@@ -1,0 +1,84 @@
+"""Where a dataset's text embeddings come from: the cache beside the preprocessed data, an
+open_clip encoding on first use, an imported file, or (only when asked by name) random text."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from nnunetv2_tak.prompts import ResolvedPrompts, dataset_class_names, libraries_for_dataset, resolve_prompts
+from nnunetv2_tak.text import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    TextEmbeddingError,
+    TextEmbeddings,
+    cache_mismatch,
+    encode_prompts,
+    how_to_provide,
+    load_cache,
+    save_cache,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def raw_dataset_folder(dataset_name: str) -> Path | None:
+    """nnUNet_raw/<dataset_name> if the variable is set and the folder exists."""
+    root = os.environ.get("nnUNet_raw")
+    folder = Path(root) / dataset_name if root else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def dataset_prompts(dataset_json: Mapping, dataset_name: str,
+                    preprocessed_folder: str | os.PathLike) -> ResolvedPrompts:
+    """Resolve the dataset's labels against its own tak_prompts.json (raw folder first, then the
+    preprocessed folder) and the shipped prompt libraries."""
+    libraries = libraries_for_dataset([raw_dataset_folder(dataset_name), preprocessed_folder])
+    return resolve_prompts(dataset_class_names(dataset_json), libraries)
+
+
+def dataset_text_embeddings(
+    dataset_json: Mapping,
+    dataset_name: str,
+    preprocessed_folder: str | os.PathLike,
+    model_name: str | None = None,
+    pretrained: str | None = None,
+) -> TextEmbeddings:
+    """E [C, K, D] for training.
+
+    Uses the cache if it fits the dataset (class order; for encoded caches also the prompt hash and,
+    when given, the requested model/pretrained). Otherwise encodes the prompts with open_clip
+    (``model_name``/``pretrained`` or the cache's or the defaults) and writes the cache. If that is
+    impossible, raises TextEmbeddingError saying how to provide embeddings.
+    """
+    class_names = dataset_class_names(dataset_json)
+    cached = load_cache(preprocessed_folder)
+    prompts: ResolvedPrompts | None = None
+    if cached is None or cached.provenance.get("source") == "open_clip":
+        prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
+    if cached is not None:
+        reason = cache_mismatch(cached, class_names, prompts, model_name, pretrained)
+        if reason is None:
+            logger.info("using cached text embeddings: %s", cached.describe())
+            return cached
+        if cached.provenance.get("source") == "file":
+            raise TextEmbeddingError(
+                f"text embedding cache {Path(preprocessed_folder) / 'tak_text_embeddings.pt'} does not fit: "
+                f"{reason}.\n" + how_to_provide(dataset_name))
+        logger.warning("text embedding cache is stale (%s); re-encoding", reason)
+        model_name = model_name or cached.provenance.get("model")
+        pretrained = pretrained or cached.provenance.get("pretrained")
+        if prompts is None:
+            prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
+    model_name = model_name or DEFAULT_MODEL
+    pretrained = pretrained or DEFAULT_PRETRAINED
+    try:
+        embeddings = encode_prompts(prompts, model_name, pretrained)
+    except TextEmbeddingError as e:
+        raise TextEmbeddingError(
+            f"no usable text embeddings for {dataset_name}: {e}\n{how_to_provide(dataset_name)}") from e
+    save_cache(preprocessed_folder, embeddings)
+    logger.info("encoded and cached text embeddings: %s", embeddings.describe())
+    return embeddings

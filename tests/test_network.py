@@ -1,0 +1,125 @@
+"""Text-prior network: shapes for every planned architecture, state round trip, batched head vs a
+per-sample reference, embedding checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _nets import configuration_manager
+
+from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, apply_dynamic_head, split_dynamic_params
+from nnunetv2_tak.trainers import PLANS_KEY, nnUNetTrainerTAK
+
+NUM_CLASSES = 5
+
+
+def build(arch: str, dim: int, deep_supervision: bool, extra: dict | None = None) -> TextPriorUNet:
+    cm = configuration_manager(arch, dim, extra=extra)
+    return nnUNetTrainerTAK.build_network_architecture(None, cm, 1, NUM_CLASSES, deep_supervision)
+
+
+@pytest.mark.parametrize("arch", ["plain", "resenc"])
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_output_shapes(arch, dim, deep_supervision):
+    torch.manual_seed(0)
+    net = build(arch, dim, deep_supervision)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    size = 32 if dim == 3 else 64
+    x = torch.randn(2, 1, *[size] * dim)
+    out = net(x)
+    if deep_supervision:
+        assert isinstance(out, list) and len(out) == 3
+        for i, o in enumerate(out):
+            assert o.shape == (2, NUM_CLASSES, *[size // 2 ** i] * dim)
+            assert torch.isfinite(o).all()
+    else:
+        assert out.shape == (2, NUM_CLASSES, *[size] * dim)
+    # nnU-Net's trainer toggles deep supervision through decoder.deep_supervision
+    net.decoder.deep_supervision = not deep_supervision
+    assert isinstance(net(x), list) != deep_supervision
+
+
+def test_segmentation_layers_replaced_and_every_head_built():
+    net = build("plain", 3, deep_supervision=False)
+    assert len(net.decoder.seg_layers) == 3  # all heads exist even without deep supervision
+    widths = [layer[-1].in_channels for layer in net.decoder.seg_layers]
+    assert widths == [32, 16, 8]  # decoder widths read from encoder.output_channels
+    assert all(layer[-1].out_channels == 8 for layer in net.decoder.seg_layers)
+    # no stock 1x1 conv to classes survives
+    assert not any(isinstance(m, torch.nn.Conv3d) and m.out_channels == NUM_CLASSES for m in net.modules())
+
+
+def test_state_dict_round_trip_including_text_embeddings():
+    torch.manual_seed(0)
+    a = build("resenc", 3, True)
+    a.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    b = build("resenc", 3, False)  # inference-style build: no deep supervision, zero text buffer
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.text_prior.text_embeddings, a.text_prior.text_embeddings)
+    a.eval()
+    b.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    a.decoder.deep_supervision = False
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_head_geometry_comes_from_plans():
+    """The predictor rebuilds from plans.json: K and D stored by the trainer must be honoured."""
+    head = TextPriorConfig(num_kinds=3, embed_dim=64).to_dict()
+    net = build("plain", 2, False, extra={PLANS_KEY: {"head": head, "text": {}}})
+    assert tuple(net.text_prior.text_embeddings.shape) == (NUM_CLASSES, 3, 64)
+    other = build("plain", 2, False)
+    with pytest.raises(RuntimeError, match="text embeddings have shape"):
+        other.load_state_dict(net.state_dict())
+
+
+def test_wrong_embedding_shape_is_rejected():
+    net = build("plain", 2, False)
+    with pytest.raises(ValueError, match=r"shape \[4, 2, 512\].*\[5, 2, 512\]"):
+        net.set_text_embeddings(torch.randn(4, 2, 512))
+
+
+def reference_dynamic_head(features: torch.Tensor, params: torch.Tensor, h: int) -> torch.Tensor:
+    """Per-sample, per-class loop with 1x1 convolutions: what apply_dynamic_head must equal."""
+    b, c = params.shape[:2]
+    dim = features.ndim - 2
+    conv = F.conv3d if dim == 3 else F.conv2d
+    layers = split_dynamic_params(params, h)
+    out = torch.empty(b, c, *features.shape[2:])
+    for i in range(b):
+        for j in range(c):
+            x = features[i:i + 1]
+            for n, (w, bias) in enumerate(layers):
+                w_ij = w[i * c + j]
+                x = conv(x, w_ij.reshape(*w_ij.shape, *[1] * dim), bias[i * c + j].flatten())
+                if n < len(layers) - 1:
+                    x = F.relu(x)
+            out[i, j] = x[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("spatial", [(6, 7), (4, 5, 6)])
+def test_batched_head_equals_per_sample_reference(spatial):
+    torch.manual_seed(0)
+    cfg = TextPriorConfig()
+    features = torch.randn(3, cfg.head_channels, *spatial, dtype=torch.float64)
+    params = torch.randn(3, NUM_CLASSES, cfg.num_dynamic_params, dtype=torch.float64)
+    batched = apply_dynamic_head(features, params, cfg.head_channels)
+    expected = reference_dynamic_head(features, params, cfg.head_channels).to(torch.float64)
+    torch.testing.assert_close(batched, expected)
+
+
+def test_text_changes_the_output_and_gradients_reach_every_part():
+    torch.manual_seed(0)
+    net = build("plain", 2, True)
+    x = torch.randn(2, 1, 64, 64)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    out1 = net(x)
+    sum(o.sum() for o in out1).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert not net.text_prior.text_embeddings.requires_grad  # E is frozen (a buffer)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    assert not torch.allclose(out1[0], net(x)[0])
