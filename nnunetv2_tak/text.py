@@ -56,8 +56,9 @@ def how_to_provide(dataset: str) -> str:
     return (
         f"Provide text embeddings for {dataset} in one of these ways:\n"
         f"  1. encode the prompts with open_clip weights available offline:\n"
-        f"     nnUNetv2_tak_encode_prompts -d {dataset} --model {DEFAULT_MODEL} --pretrained /path/to/open_clip_model.bin\n"
-        f"     (or, with internet access once: --pretrained {DEFAULT_PRETRAINED}, which downloads and caches the weights)\n"
+        f"     nnUNetv2_tak_encode_prompts -d {dataset} --model {DEFAULT_MODEL} "
+        f"--pretrained /path/to/open_clip_model.bin\n"
+        f"     (or, online once: --pretrained {DEFAULT_PRETRAINED}, which downloads and caches the weights)\n"
         f"  2. import precomputed embeddings [C, K, D] or [K*C, D]:\n"
         f"     nnUNetv2_tak_encode_prompts -d {dataset} --embeddings FILE.pt\n"
         f"  3. for tests/ablations only, train with random text explicitly: -tr nnUNetTrainerTAK_RandomText"
@@ -85,10 +86,12 @@ def encode_prompts(
 
     random_init = pretrained == RANDOM_WEIGHTS
     try:
-        model = open_clip.create_model(
-            model_name, pretrained=None if random_init else pretrained, device=device,
-            require_pretrained=not random_init, load_weights=not random_init,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-init weights are seeded, so they are reproducible
+            model = open_clip.create_model(
+                model_name, pretrained=None if random_init else pretrained, device=device,
+                require_pretrained=not random_init, load_weights=not random_init,
+            )
     except Exception as e:  # open_clip raises RuntimeError/HF errors/OSError for missing weights
         raise TextEmbeddingError(
             f"could not load open_clip model '{model_name}' with pretrained '{pretrained}': {e}\n"
@@ -137,11 +140,11 @@ def _with_dataset_info(provenance: dict, class_names: Sequence[str], kinds: Sequ
 
 
 def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
-                        kinds: Sequence[str] | None = None) -> TextEmbeddings:
+                        kinds: Sequence[str] = ("shape", "location")) -> TextEmbeddings:
     """Read a precomputed tensor file (.pt/.pth saved with torch.save, or .npy).
 
     Accepted: [C, K, D], or [K*C, D] with the kinds stacked (rows 0..C-1 = kind 0, ...), or a dict
-    with key 'embeddings'. C must equal the dataset's number of classes (background included).
+    with key 'embeddings'. C is the dataset's number of classes (background included), K = len(kinds).
     """
     path = Path(path)
     if not path.is_file():
@@ -163,27 +166,15 @@ def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
     if not isinstance(obj, torch.Tensor):
         raise TextEmbeddingError(f"embedding file {path} holds {type(obj).__name__}, expected a tensor")
     tensor = obj.detach().float().cpu()
-    c = len(class_names)
-    if tensor.ndim == 2:
-        if tensor.shape[0] % c:
-            raise TextEmbeddingError(
-                f"embedding file {path} has shape {list(tensor.shape)}: {tensor.shape[0]} rows is not a multiple "
-                f"of the dataset's {c} classes {list(class_names)} (expected [K*{c}, D] with kinds stacked, or "
-                f"[{c}, K, D])"
-            )
-        tensor = tensor.reshape(tensor.shape[0] // c, c, -1).transpose(0, 1)
-    elif tensor.ndim != 3:
-        raise TextEmbeddingError(f"embedding file {path} has shape {list(tensor.shape)}; expected [C, K, D] or "
-                                 "[K*C, D]")
-    if tensor.shape[0] != c:
-        raise TextEmbeddingError(
-            f"embedding file {path} has {tensor.shape[0]} classes (shape {list(tensor.shape)}) but the dataset "
-            f"has {c}: {list(class_names)}. Rows must follow dataset.json label order, background first."
-        )
+    c, k = len(class_names), len(kinds)
+    expected = (f"expected [{c}, {k}, D] or [{k * c}, D] (kinds {list(kinds)} stacked) for the dataset's {c} "
+                f"classes {list(class_names)} in dataset.json label order, background first")
+    if tensor.ndim == 2 and tensor.shape[0] == k * c:
+        tensor = tensor.reshape(k, c, -1).transpose(0, 1)
+    if tensor.ndim != 3 or tuple(tensor.shape[:2]) != (c, k):
+        raise TextEmbeddingError(f"embedding file {path} has shape {list(tensor.shape)}; {expected}")
     if not torch.isfinite(tensor).all():
         raise TextEmbeddingError(f"embedding file {path} contains NaN or infinite values")
-    k = tensor.shape[1]
-    kinds = list(kinds) if kinds is not None and len(kinds) == k else [f"kind{i}" for i in range(k)]
     provenance = {"source": "file", "file": str(path.resolve()), "file_sha256": _sha256(path)}
     return TextEmbeddings(tensor.contiguous(), _with_dataset_info(provenance, class_names, kinds, None))
 

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_PRETRAINED}); '{RANDOM_WEIGHTS}' encodes with random weights (tests only)")
     p.add_argument("--embeddings", default=None,
                    help="import a precomputed tensor file [C, K, D] or [K*C, D] (kinds stacked) instead of encoding")
+    p.add_argument("--kinds", default="shape,location",
+                   help="comma-separated prompt kinds of the --embeddings file, in order (default shape,location)")
     p.add_argument("--force", action="store_true", help="re-encode even if the cache is up to date")
     p.add_argument("--print-prompts", action="store_true", help="show how each label resolved, then exit")
     return p
@@ -76,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.embeddings:
             if args.model or args.pretrained:
                 raise TextEmbeddingError("--embeddings imports a file; do not combine it with --model/--pretrained")
-            kinds = None
-            try:
-                kinds = dataset_prompts(dataset_json, dataset_name, preprocessed).kinds
-            except PromptError:
-                pass  # prompts are optional when embeddings are brought in; kind names are only labels
+            kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
             embeddings = load_embedding_file(args.embeddings, dataset_class_names(dataset_json), kinds)
             path = save_cache(preprocessed, embeddings)
             print(f"imported {args.embeddings} -> {path}: {embeddings.describe()}")

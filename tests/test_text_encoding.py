@@ -1,0 +1,141 @@
+"""Encoding prompts with a real open_clip model (random weights: no download), the provenance cache,
+imported embedding files and the errors when no text source is available."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunetv2_tak.cli.encode_prompts import main as encode_main
+from nnunetv2_tak.text import (
+    CACHE_FILENAME,
+    RANDOM_WEIGHTS,
+    TextEmbeddingError,
+    load_cache,
+    load_embedding_file,
+)
+from nnunetv2_tak.text_source import dataset_text_embeddings
+
+LABELS = {"background": 0, "liver": 1, "Kidney (R)": 2, "arota": 3}
+DATASET = "Dataset777_TextTest"
+
+
+@pytest.fixture
+def dataset(tmp_path, monkeypatch):
+    """A dataset known to nnU-Net (raw + preprocessed folders with dataset.json); no images needed."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 0, "file_ending": ".nii.gz"}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        folder = tmp_path / var / DATASET
+        folder.mkdir()
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    return tmp_path / "nnUNet_raw" / DATASET, tmp_path / "nnUNet_preprocessed" / DATASET, dataset_json
+
+
+def test_encode_cli_with_random_weight_open_clip_caches_and_reuses(dataset, capsys):
+    raw, pre, dataset_json = dataset
+    assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 0
+    cache = load_cache(pre)
+    assert cache.tensor.shape == (4, 2, 512)
+    p = cache.provenance
+    assert (p["source"], p["model"], p["pretrained"]) == ("open_clip", "ViT-B-32", RANDOM_WEIGHTS)
+    assert p["class_names"] == list(LABELS) and p["kinds"] == ["shape", "location"]
+    assert p["matched_prompt_classes"] == ["background", "liver", "kidney_right", "aorta"]
+    assert json.loads((pre / "tak_text_embeddings.json").read_text())["shape"] == [4, 2, 512]
+    # distinct prompts give distinct embeddings, also between kinds
+    flat = cache.tensor.reshape(8, -1)
+    assert torch.cdist(flat, flat).add(torch.eye(8)).min() > 0
+    assert "random open_clip weights" in capsys.readouterr().out
+
+    mtime = (pre / CACHE_FILENAME).stat().st_mtime_ns
+    assert encode_main(["-d", DATASET, "--pretrained", RANDOM_WEIGHTS]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (pre / CACHE_FILENAME).stat().st_mtime_ns == mtime
+
+    # the trainer-side resolution uses the same cache without encoding again
+    reused = dataset_text_embeddings(dataset_json, DATASET, pre)
+    assert torch.equal(reused.tensor, cache.tensor)
+
+    # a dataset prompt file changes the liver's prompts -> cache is stale and gets rebuilt
+    (raw / "tak_prompts.json").write_text(json.dumps({
+        "format": "nnunetv2_tak.prompts/1", "kinds": ["shape", "location"],
+        "classes": [{"name": "liver", "prompts": {"shape": ["a huge wedge."], "location": ["right upper."]}}]}))
+    rebuilt = dataset_text_embeddings(dataset_json, DATASET, pre)
+    assert rebuilt.provenance["prompt_sha256"] != p["prompt_sha256"]
+    assert not torch.allclose(rebuilt.tensor[1], cache.tensor[1])
+    torch.testing.assert_close(rebuilt.tensor[[0, 2, 3]], cache.tensor[[0, 2, 3]])  # same weights, same prompts
+    assert load_cache(pre).provenance["prompt_sha256"] == rebuilt.provenance["prompt_sha256"]
+
+
+def test_no_weights_and_no_file_stops_with_instructions(dataset, tmp_path):
+    _, pre, dataset_json = dataset
+    missing = str(tmp_path / "no_such_checkpoint.bin")
+    with pytest.raises(TextEmbeddingError) as info:
+        dataset_text_embeddings(dataset_json, DATASET, pre, pretrained=missing)
+    message = str(info.value)
+    assert missing in message
+    assert "nnUNetv2_tak_encode_prompts -d Dataset777_TextTest" in message and "--embeddings" in message
+    assert not (pre / CACHE_FILENAME).exists()  # nothing half-written
+
+
+def test_encode_cli_reports_missing_weights(dataset, tmp_path, capsys):
+    assert encode_main(["-d", "777", "--pretrained", str(tmp_path / "none.bin")]) == 2
+    assert "none.bin" in capsys.readouterr().err
+
+
+def test_import_embedding_file_kinds_stacked(dataset, tmp_path, capsys):
+    _, pre, dataset_json = dataset
+    shape_rows, location_rows = torch.randn(4, 16), torch.randn(4, 16)
+    path = tmp_path / "emb.pt"
+    torch.save(torch.cat([shape_rows, location_rows]), path)  # [K*C, D], kinds stacked like TAK's release
+    assert encode_main(["-d", "777", "--embeddings", str(path)]) == 0
+    cache = load_cache(pre)
+    assert cache.tensor.shape == (4, 2, 16)
+    torch.testing.assert_close(cache.tensor[:, 0], shape_rows)
+    torch.testing.assert_close(cache.tensor[:, 1], location_rows)
+    assert cache.provenance["source"] == "file" and cache.provenance["kinds"] == ["shape", "location"]
+    # training uses an imported file as is
+    assert torch.equal(dataset_text_embeddings(dataset_json, DATASET, pre).tensor, cache.tensor)
+    # ... unless an explicit open_clip encoder is requested, which says so
+    with pytest.raises(TextEmbeddingError, match="imported from"):
+        dataset_text_embeddings(dataset_json, DATASET, pre, model_name="ViT-B-32")
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.randn(5, 2, 8), r"shape \[5, 2, 8\]; expected \[4, 2, D\] or \[8, D\]"),
+    (torch.randn(10, 8), r"shape \[10, 8\]"),
+    (torch.randn(4, 8), r"shape \[4, 8\]"),
+    (torch.randn(4, 2, 8, 1), r"shape \[4, 2, 8, 1\]"),
+])
+def test_embedding_file_shape_checks(tmp_path, tensor, message):
+    path = tmp_path / "e.pt"
+    torch.save(tensor, path)
+    with pytest.raises(TextEmbeddingError, match=message) as info:
+        load_embedding_file(path, list(LABELS))
+    assert str(path) in str(info.value) and "'Kidney (R)'" in str(info.value)
+
+
+def test_embedding_file_formats(tmp_path):
+    import numpy as np
+
+    tensor = torch.randn(4, 2, 8)
+    np.save(tmp_path / "e.npy", tensor.numpy())
+    torch.save({"embeddings": tensor}, tmp_path / "e.pth")
+    for name in ("e.npy", "e.pth"):
+        torch.testing.assert_close(load_embedding_file(tmp_path / name, list(LABELS)).tensor, tensor)
+    torch.save(torch.full((4, 2, 8), float("nan")), tmp_path / "nan.pt")
+    with pytest.raises(TextEmbeddingError, match="NaN"):
+        load_embedding_file(tmp_path / "nan.pt", list(LABELS))
+
+
+def test_class_count_mismatch_via_cli_names_file_and_labels(dataset, tmp_path, capsys):
+    path = tmp_path / "amos.pt"
+    torch.save(torch.randn(32, 8), path)  # 16 classes x 2 kinds, dataset has 4 classes
+    assert encode_main(["-d", "777", "--embeddings", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "amos.pt" in err and "has shape [32, 8]; expected [4, 2, D] or [8, D]" in err
