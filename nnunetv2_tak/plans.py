@@ -31,8 +31,8 @@ def shrink_configuration(plans: dict, configuration: str, base_features: int = 8
     if patch_size is not None:
         patch_size = [int(p) for p in patch_size]
         strides = np.prod(np.array(arch["strides"]), axis=0)
-        if len(patch_size) != len(cfg["patch_size"]) or any(p % int(s) for p, s in zip(patch_size, strides, strict=False)):
-            raise ValueError(f"patch size {patch_size} must have {len(cfg['patch_size'])} dims, each divisible by "
+        if len(patch_size) != len(strides) or any(p % int(s) for p, s in zip(patch_size, strides, strict=True)):
+            raise ValueError(f"patch size {patch_size} must have {len(strides)} dims, each divisible by "
                              f"the network's total stride {strides.tolist()}")
         cfg["patch_size"] = patch_size
     return cfg
