@@ -59,7 +59,7 @@ def prepared_dataset(tmp_path_factory) -> PreparedDataset:
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / var).mkdir()
         env[var] = str(root / var)
-    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "f", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    env.update({"nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "HF_HUB_OFFLINE": "1"})
     folder = generate_dataset(root / "nnUNet_raw", DATASET_ID, "TAKTiny", num_training=6, num_test=2,
                               spec=CohortSpec(**TINY_SPEC), seed=0)
     nnunet_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
