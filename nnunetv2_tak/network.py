@@ -32,14 +32,15 @@ class TextPriorConfig:
     hidden_dim: int = 256
     head_channels: int = 8
     num_image_stages: int = 3
+    head_input_norm: bool = False  # nnU-Net decoder stages already end in norm + nonlinearity
+    chunk_voxels: int = 4096  # chunked, memory-lean head; 0 = plain autograd graph
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | bool]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, int]) -> TextPriorConfig:
-        known = {k: int(v) for k, v in values.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, values: Mapping[str, int | bool]) -> TextPriorConfig:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     @property
     def num_dynamic_params(self) -> int:
@@ -61,22 +62,66 @@ def split_dynamic_params(params: torch.Tensor, head_channels: int) -> list[tuple
     ]
 
 
-def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channels: int) -> torch.Tensor:
-    """Per-sample, per-class 1x1 MLP as three batched matmuls (no loop over samples or classes).
-
-    features: [B, h, *S]; params: [B, C, P] -> logits [B, C, *S].
-    """
-    b, h = features.shape[:2]
-    spatial = features.shape[2:]
+def _dynamic_head_flat(x: torch.Tensor, params: torch.Tensor, head_channels: int) -> torch.Tensor:
+    """x [B, h, n] (flattened voxels), params [B, C, P] -> logits [B, C, n] as three batched matmuls."""
+    b, h = x.shape[:2]
     c = params.shape[1]
     (w1, b1), (w2, b2), (w3, b3) = split_dynamic_params(params, head_channels)
-    x = features.reshape(b, h, -1)  # [B, h, N]
-    # layer 1 for all classes at once: [B, C*h, h] @ [B, h, N]
+    # layer 1 for all classes at once: [B, C*h, h] @ [B, h, n]
     x = torch.relu(torch.baddbmm(b1.reshape(b, c * h, 1), w1.reshape(b, c * h, h), x))
-    x = x.reshape(b * c, h, -1)
-    x = torch.relu(torch.baddbmm(b2, w2, x))
-    x = torch.baddbmm(b3, w3, x)  # [B*C, 1, N]
-    return x.reshape(b, c, *spatial)
+    x = torch.relu(torch.baddbmm(b2, w2, x.reshape(b * c, h, -1)))
+    x = torch.baddbmm(b3, w3, x)  # [B*C, 1, n]
+    return x.reshape(b, c, -1)
+
+
+class _ChunkedDynamicHead(torch.autograd.Function):
+    """Memory-lean, cache-friendly dynamic head with the same values as the plain graph.
+
+    The per-class hidden maps ([B, C*h, N]: 128 channels at full resolution for 16 classes) are
+    never stored for the whole volume: forward runs over voxel chunks that fit in cache, backward
+    recomputes each chunk and differentiates it, so only the inputs are kept.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, params: torch.Tensor, head_channels: int, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(x, params)
+        ctx.head_channels, ctx.chunk = head_channels, chunk
+        return torch.cat([_dynamic_head_flat(x[..., s:s + chunk], params, head_channels)
+                          for s in range(0, x.shape[-1], chunk)], dim=2)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: torch.Tensor):
+        x, params = ctx.saved_tensors
+        grad_x, grad_params = [], torch.zeros_like(params)
+        p = params.detach().requires_grad_(True)
+        for s in range(0, x.shape[-1], ctx.chunk):
+            with torch.enable_grad():
+                xc = x[..., s:s + ctx.chunk].detach().requires_grad_(True)
+                out = _dynamic_head_flat(xc, p, ctx.head_channels)
+                gx, gp = torch.autograd.grad(out, (xc, p), grad_out[..., s:s + ctx.chunk])
+            grad_x.append(gx)
+            grad_params += gp
+        return torch.cat(grad_x, dim=2), grad_params, None, None
+
+
+def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channels: int,
+                       chunk_voxels: int = 0) -> torch.Tensor:
+    """Per-sample, per-class 1x1 MLP (h->h->h->1, ReLU between) as batched matmuls, no loop over
+    samples or classes.
+
+    features: [B, h, *S]; params: [B, C, P] -> logits [B, C, *S]. ``chunk_voxels`` > 0 uses the
+    memory-lean chunked version (recomputes hidden maps in backward).
+    """
+    b = features.shape[0]
+    spatial = features.shape[2:]
+    x = features.reshape(b, features.shape[1], -1)
+    if 0 < chunk_voxels < x.shape[-1]:
+        out = _ChunkedDynamicHead.apply(x, params, head_channels, chunk_voxels)
+    else:
+        out = _dynamic_head_flat(x, params, head_channels)
+    return out.reshape(b, params.shape[1], *spatial)
 
 
 class TextPriorHead(nn.Module):
@@ -125,11 +170,15 @@ class TextPriorHead(nn.Module):
         return self.controller(joint)
 
 
-def _head_input(encoder: nn.Module, channels: int, head_channels: int) -> nn.Sequential:
-    """Decoder features [B, channels, *S] -> [B, head_channels, *S]: norm, nonlinearity, 1x1 conv."""
-    norm = encoder.norm_op(channels, **(encoder.norm_op_kwargs or {})) if encoder.norm_op else nn.Identity()
-    nonlin = encoder.nonlin(**(encoder.nonlin_kwargs or {})) if encoder.nonlin else nn.Identity()
-    return nn.Sequential(norm, nonlin, encoder.conv_op(channels, head_channels, 1, 1, 0, bias=True))
+def _head_input(encoder: nn.Module, channels: int, head_channels: int, with_norm: bool) -> nn.Sequential:
+    """Decoder features [B, channels, *S] -> [B, head_channels, *S]: (norm, nonlinearity,) 1x1 conv."""
+    layers: list[nn.Module] = []
+    if with_norm and encoder.norm_op is not None:
+        layers.append(encoder.norm_op(channels, **(encoder.norm_op_kwargs or {})))
+    if with_norm and encoder.nonlin is not None:
+        layers.append(encoder.nonlin(**(encoder.nonlin_kwargs or {})))
+    layers.append(encoder.conv_op(channels, head_channels, 1, 1, 0, bias=True))
+    return nn.Sequential(*layers)
 
 
 class TextPriorUNet(nn.Module):
@@ -150,7 +199,8 @@ class TextPriorUNet(nn.Module):
         # seg_layers[s] sits after decoder stage s whose width is the skip width channels[-(s + 2)];
         # we always build every one so deep-supervision checkpoints load without it too.
         self.decoder.seg_layers = nn.ModuleList(
-            _head_input(self.encoder, channels[-(s + 2)], config.head_channels) for s in range(n_decoder_stages)
+            _head_input(self.encoder, channels[-(s + 2)], config.head_channels, config.head_input_norm)
+            for s in range(n_decoder_stages)
         )
         self.num_image_stages = min(config.num_image_stages, len(channels))
         self.text_prior = TextPriorHead(num_classes, channels[-self.num_image_stages:], config)
@@ -174,10 +224,10 @@ class TextPriorUNet(nn.Module):
         skips = self.encoder(x)
         params = self.text_prior(skips[-self.num_image_stages:])  # [B, C, P]
         head_features = self.decoder(skips)
-        h = self.config.head_channels
+        h, chunk = self.config.head_channels, self.config.chunk_voxels
         if isinstance(head_features, list | tuple):
-            return [apply_dynamic_head(f, params, h) for f in head_features]
-        return apply_dynamic_head(head_features, params, h)
+            return [apply_dynamic_head(f, params, h, chunk) for f in head_features]
+        return apply_dynamic_head(head_features, params, h, chunk)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -123,3 +123,20 @@ def test_text_changes_the_output_and_gradients_reach_every_part():
     assert not net.text_prior.text_embeddings.requires_grad  # E is frozen (a buffer)
     net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
     assert not torch.allclose(out1[0], net(x)[0])
+
+
+def test_chunked_head_matches_plain_graph_in_values_and_gradients():
+    torch.manual_seed(0)
+    cfg = TextPriorConfig()
+    features = torch.randn(2, cfg.head_channels, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    params = torch.randn(2, NUM_CLASSES, cfg.num_dynamic_params, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, NUM_CLASSES, 5, 6, 7, dtype=torch.float64)
+    grads = []
+    for chunk in (0, 37):  # 210 voxels -> 6 chunks, the last one partial
+        out = apply_dynamic_head(features, params, cfg.head_channels, chunk_voxels=chunk)
+        grads.append((out, *torch.autograd.grad((out * weights).sum(), (features, params))))
+    for plain, chunked in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(chunked, plain)
+    assert torch.autograd.gradcheck(
+        lambda f, p: apply_dynamic_head(f, p, cfg.head_channels, chunk_voxels=50),
+        (features[:1, :, :2, :3, :4].detach().requires_grad_(), params[:1].detach().requires_grad_()))
