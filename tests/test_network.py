@@ -140,3 +140,36 @@ def test_chunked_head_matches_plain_graph_in_values_and_gradients():
     assert torch.autograd.gradcheck(
         lambda f, p: apply_dynamic_head(f, p, cfg.head_channels, chunk_voxels=50),
         (features[:1, :, :2, :3, :4].detach().requires_grad_(), params[:1].detach().requires_grad_()))
+
+
+def test_traces_as_one_graph_for_torch_compile():
+    """No data-dependent Python control flow: dynamo captures forward (incl. the chunked head's
+    autograd.Function) without graph breaks, and values and gradients match eager mode."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    net = build("plain", 3, True)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    x = torch.randn(2, 1, 32, 32, 32)  # 32768 voxels at full resolution -> 8 chunks of 4096
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    eager_out, compiled_out = net(x), compiled(x)
+    for e, c in zip(eager_out, compiled_out, strict=True):
+        torch.testing.assert_close(c, e)
+    grads = []
+    for out in (eager_out, compiled_out):
+        net.zero_grad()
+        sum(o.square().mean() for o in out).backward()
+        grads.append(net.text_prior.controller.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_autocast_forward_backward():
+    """Mixed precision (bfloat16 autocast on CPU stands in for nnU-Net's float16 autocast on CUDA)."""
+    torch.manual_seed(0)
+    net = build("resenc", 3, True)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 1, 32, 32, 32))
+        loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert net.text_prior.controller.weight.grad.abs().sum() > 0

@@ -1,8 +1,8 @@
 """Cost of the text-prior head: forward+backward time and peak memory of the TAK network vs the
 stock nnU-Net network built from the same plans, side by side in one run.
 
-    python benchmarks/head_overhead.py                       # CPU-sized 3D configuration
-    python benchmarks/head_overhead.py --features 32 320 --patch 64 128 128 --device cuda
+    python examples/benchmark_head_overhead.py                       # CPU-sized 3D configuration
+    python examples/benchmark_head_overhead.py --features 32 320 --patch 64 128 128 --device cuda
 
 Each network is measured in its own subprocess (so peak RSS is per network); runs alternate
 between the two networks to share machine noise. Prints the ratios.
