@@ -139,3 +139,19 @@ def test_class_count_mismatch_via_cli_names_file_and_labels(dataset, tmp_path, c
     assert encode_main(["-d", "777", "--embeddings", str(path)]) == 2
     err = capsys.readouterr().err
     assert "amos.pt" in err and "has shape [32, 8]; expected [4, 2, D] or [8, D]" in err
+
+
+def test_print_prompts_shows_resolution(dataset, capsys):
+    assert encode_main(["-d", "777", "--print-prompts"]) == 0
+    out = capsys.readouterr().out
+    assert "'Kidney (R)' -> kidney_right" in out and "'arota' -> aorta" in out
+    assert out.count("[shape]") == 12 and out.count("[location]") == 12
+
+
+def test_missing_prompt_via_cli_names_the_label(dataset, capsys):
+    _, pre, dataset_json = dataset
+    dataset_json["labels"]["hepatic cyst"] = 4
+    (pre / "dataset.json").write_text(json.dumps(dataset_json))
+    assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 2
+    assert "no prompts for label(s) ['hepatic cyst']" in capsys.readouterr().err
+    assert not (pre / CACHE_FILENAME).exists()

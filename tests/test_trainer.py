@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_random_text_mode_is_explicit_and_reported(nnunet_env):
     torch.testing.assert_close(unwrap_network(trainer.network).text_prior.text_embeddings, expected)
     entry = trainer.plans_manager.plans["configurations"]["3d_fullres"][PLANS_KEY]
     assert entry["text"]["source"] == "random"
-    assert "RANDOM text embeddings" in open(trainer.log_file).read()
+    assert "RANDOM text embeddings" in Path(trainer.log_file).read_text()
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (1, 2, 1)
 
 
