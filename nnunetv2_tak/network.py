@@ -35,6 +35,7 @@ class TextPriorConfig:
     num_image_stages: int = 3
     head_input_norm: bool = False  # nnU-Net decoder stages already end in norm + nonlinearity
     chunk_voxels: int = 4096  # chunked, memory-lean head; 0 = plain autograd graph
+    stable_controller: bool = True  # LayerNorm on the controller input + He-scaled dynamic parameters
 
     def to_dict(self) -> dict[str, int | bool]:
         return asdict(self)
@@ -99,6 +100,17 @@ def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channe
     return out.reshape(b, params.shape[1], *spatial)
 
 
+def _dynamic_param_scale(config: TextPriorConfig, bias_scale: float = 0.1) -> torch.Tensor:
+    """[P] multipliers of the controller output: He std for weights (sqrt(2 / fan_in), sqrt(1 / fan_in)
+    for the last, linear layer) and a small scale for biases; all ones without ``stable_controller``."""
+    h = config.head_channels
+    if not config.stable_controller:
+        return torch.ones(config.num_dynamic_params)
+    he, last = (2.0 / h) ** 0.5, (1.0 / h) ** 0.5
+    sizes = [(h * h, he), (h, bias_scale), (h * h, he), (h, bias_scale), (h, last), (1, bias_scale)]
+    return torch.cat([torch.full((n, ), v) for n, v in sizes])
+
+
 class TextPriorHead(nn.Module):
     """Turns frozen text embeddings E [C, K, D] and multi-scale encoder features into per-class
     dynamic-head parameters [B, C, P]."""
@@ -118,6 +130,16 @@ class TextPriorHead(nn.Module):
             for ch in stage_channels
         )
         self.controller = nn.Linear(2 * hid, config.num_dynamic_params)
+        self.joint_norm: nn.Module = nn.Identity()
+        if config.stable_controller:
+            # Under nnU-Net's SGD (lr 1e-2, momentum 0.99) an unnormalised controller lets the generated
+            # weights and biases grow until the dynamic head's ReLUs die. Normalising its input and emitting
+            # unit-variance values that a fixed per-parameter scale maps to He-initialised layers keeps the
+            # head trainable.
+            self.joint_norm = nn.LayerNorm(2 * hid)
+            nn.init.normal_(self.controller.weight, std=(2 * hid) ** -0.5)
+            nn.init.zeros_(self.controller.bias)
+        self.register_buffer("param_scale", _dynamic_param_scale(config), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -142,7 +164,7 @@ class TextPriorHead(nn.Module):
         text = self.text_features().to(image.dtype)  # [C, hidden]
         b, c = image.shape[0], text.shape[0]
         joint = torch.cat([image[:, None, :].expand(b, c, -1), text[None].expand(b, c, -1)], dim=2)
-        return self.controller(joint)
+        return self.controller(self.joint_norm(joint)) * self.param_scale.to(joint.dtype)
 
 
 def _head_input(encoder: nn.Module, channels: int, head_channels: int, with_norm: bool) -> nn.Sequential:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_tak.network import unwrap_network
+from nnunetv2_tak.network import split_dynamic_params, unwrap_network
 from nnunetv2_tak.text import CACHE_FILENAME, TextEmbeddingError, random_text_embeddings
 from nnunetv2_tak.trainers import (
     PLANS_KEY,
@@ -109,3 +109,40 @@ def test_region_based_dataset_is_rejected_by_name(nnunet_env):
     dataset_json["regions_class_order"] = [1, 2]
     with pytest.raises(ValueError, match=r"region-based labels \['organs'\]"):
         new_trainer(nnUNetTrainerTAK, nnunet_env, dataset_json)
+
+
+def _head_activity(net, data: torch.Tensor) -> float:
+    """Fraction of active second-layer ReLUs of the dynamic head at full resolution."""
+    with torch.no_grad():
+        skips = net.encoder(data)
+        params = net.text_prior(skips[-net.num_image_stages:])
+        feats = net.decoder(skips)
+        feats = feats[0] if isinstance(feats, list) else feats
+        (w1, b1), (w2, b2), _ = split_dynamic_params(params, net.config.head_channels)
+        b, h, c = feats.shape[0], net.config.head_channels, params.shape[1]
+        h1 = torch.relu(torch.baddbmm(b1.reshape(b, c * h, 1), w1.reshape(b, c * h, h), feats.reshape(b, h, -1)))
+        h2 = torch.relu(torch.baddbmm(b2, w2, h1.reshape(b * c, h, -1)))
+    return (h2 > 0).float().mean().item()
+
+
+class SGDStabilityTrainer(nnUNetTrainerTAK_RandomText_Debug):
+    iterations_per_epoch = 60
+
+
+def test_dynamic_head_stays_alive_under_nnunet_sgd(nnunet_env):
+    """Guard: the dynamic head must keep live hidden units and the loss must fall under nnU-Net's SGD
+    (lr 1e-2, momentum 0.99). On the quickstart cohort an unnormalised controller killed every
+    second-layer ReLU within 75 iterations (constant logits); that run is too slow for a unit test."""
+    trainer = new_trainer(SGDStabilityTrainer, nnunet_env)
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"])
+                  for _ in range(trainer.num_iterations_per_epoch)]
+        net = unwrap_network(trainer.network)
+        net.eval()
+        activity = _head_activity(net, next(trainer.dataloader_val)["data"])
+    finally:
+        trainer.on_train_end()
+    assert activity > 0.05, f"dynamic head collapsed: {activity:.4f} of its hidden units active"
+    assert sum(losses[-10:]) < sum(losses[:10])
