@@ -70,10 +70,20 @@ def _dynamic_head_flat(x: torch.Tensor, params: torch.Tensor, head_channels: int
     c = params.shape[1]
     (w1, b1), (w2, b2), (w3, b3) = split_dynamic_params(params, head_channels)
     # layer 1 for all classes at once: [B, C*h, h] @ [B, h, n]
-    x = torch.relu(torch.baddbmm(b1.reshape(b, c * h, 1), w1.reshape(b, c * h, h), x))
-    x = torch.relu(torch.baddbmm(b2, w2, x.reshape(b * c, h, -1)))
-    x = torch.baddbmm(b3, w3, x)  # [B*C, 1, n]
+    x = _batched_linear(w1.reshape(b, c * h, h), x, b1.reshape(b, c * h, 1), relu=True)
+    x = _batched_linear(w2, x.reshape(b * c, h, -1), b2, relu=True)
+    x = _batched_linear(w3, x, b3, relu=False)  # [B*C, 1, n]
     return x.reshape(b, c, -1)
+
+
+def _batched_linear(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    """w [G, o, i] @ x [G, i, n] + bias [G, o, 1], optionally ReLU. Without autograd (prediction) the bias
+    and ReLU are applied in place, which saves two memory passes over the [G, o, n] output."""
+    if torch.is_grad_enabled():
+        y = torch.baddbmm(bias, w, x)
+        return torch.relu(y) if relu else y
+    y = torch.bmm(w, x).add_(bias)
+    return y.relu_() if relu else y
 
 
 def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channels: int,

@@ -106,9 +106,11 @@ def test_batched_head_equals_per_sample_reference(spatial):
     cfg = TextPriorConfig()
     features = torch.randn(3, cfg.head_channels, *spatial, dtype=torch.float64)
     params = torch.randn(3, NUM_CLASSES, cfg.num_dynamic_params, dtype=torch.float64)
-    batched = apply_dynamic_head(features, params, cfg.head_channels)
     expected = reference_dynamic_head(features, params, cfg.head_channels).to(torch.float64)
-    torch.testing.assert_close(batched, expected)
+    torch.testing.assert_close(apply_dynamic_head(features, params, cfg.head_channels), expected)
+    with torch.no_grad():  # prediction path: in-place bias/ReLU, chunked
+        torch.testing.assert_close(apply_dynamic_head(features, params, cfg.head_channels), expected)
+        torch.testing.assert_close(apply_dynamic_head(features, params, cfg.head_channels, chunk_voxels=7), expected)
 
 
 def test_text_changes_the_output_and_gradients_reach_every_part():
