@@ -45,6 +45,8 @@ class TextEmbeddings:
         p = self.provenance
         if p.get("source") == "open_clip":
             what = f"open_clip {p.get('model')} / {p.get('pretrained')}"
+            if p.get("pretrained") == RANDOM_WEIGHTS:
+                what += " (RANDOM encoder weights: no textual knowledge)"
         elif p.get("source") == "file":
             what = f"embedding file {p.get('file')}"
         else:

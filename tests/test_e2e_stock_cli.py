@@ -36,7 +36,8 @@ def trained(prepared_dataset):
 def test_training_through_stock_cli(trained):
     data, model, stdout = trained
     assert f"Using trainer '{TRAINER}'" in stdout
-    assert "TAK text source: open_clip ViT-B-32 / random-init" in stdout  # says which text it used
+    # says which text it used, and that random encoder weights carry no knowledge
+    assert "TAK text source: open_clip ViT-B-32 / random-init (RANDOM encoder weights" in stdout
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == TRAINER
     cache = torch.load(data.preprocessed / "tak_text_embeddings.pt", weights_only=True)
