@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
+MAX_HEAD_CHUNKS = 32  # at most this many voxel chunks per output: bounded graph size under torch.compile
+
 
 @dataclass(frozen=True)
 class TextPriorConfig:
@@ -98,6 +100,8 @@ def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channe
     spatial = features.shape[2:]
     x = features.reshape(b, features.shape[1], -1)
     n = x.shape[-1]
+    if chunk_voxels > 0:
+        chunk_voxels = max(chunk_voxels, -(-n // MAX_HEAD_CHUNKS))  # bound the unrolled chunks (torch.compile)
     if 0 < chunk_voxels < n:
         # Memory-lean and cache-friendly: the per-class hidden maps ([B, C*h, N], 128 channels at full
         # resolution for 16 classes) are only ever materialised for one chunk of voxels; backward

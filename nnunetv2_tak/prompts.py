@@ -125,6 +125,8 @@ def load_prompt_library(path: str | os.PathLike) -> PromptLibrary:
         ))
     names = {c.name for c in classes}
     orders = data.get("label_orders", {})
+    if not isinstance(orders, dict) or not all(isinstance(v, list) for v in orders.values()):
+        raise _fail(path, "'label_orders' must map a name to a list of class names")
     for order_name, order in orders.items():
         unknown = [n for n in order if n not in names]
         if unknown:

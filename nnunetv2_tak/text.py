@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ def encode_prompts(
             )
     except Exception as e:  # open_clip raises RuntimeError/HF errors/OSError for missing weights
         raise TextEmbeddingError(
-            f"could not load open_clip model '{model_name}' with pretrained '{pretrained}': {e}\n"
+            f"could not load open_clip model '{model_name}' with pretrained '{pretrained}': "
+            f"{type(e).__name__}: {e}\n"
             "Offline, pass a local checkpoint file with --pretrained PATH (or a precomputed --embeddings FILE)."
         ) from e
     model.eval()
@@ -204,7 +206,8 @@ def save_cache(folder: str | os.PathLike, embeddings: TextEmbeddings) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / CACHE_FILENAME
-    tmp = target.with_suffix(".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tak_text_embeddings.", suffix=".tmp")
+    os.close(fd)  # a unique temporary file: folds started in parallel never write the same one
     torch.save({"embeddings": embeddings.tensor, "provenance": embeddings.provenance}, tmp)
     os.replace(tmp, target)
     target.with_suffix(".json").write_text(json.dumps(

@@ -8,8 +8,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from nnunetv2_tak.prompts import ResolvedPrompts, dataset_class_names, libraries_for_dataset, resolve_prompts
+from nnunetv2_tak.prompts import (
+    PromptError,
+    ResolvedPrompts,
+    dataset_class_names,
+    libraries_for_dataset,
+    resolve_prompts,
+)
 from nnunetv2_tak.text import (
+    CACHE_FILENAME,
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     TextEmbeddingError,
@@ -49,36 +56,44 @@ def dataset_text_embeddings(
     """E [C, K, D] for training.
 
     Uses the cache if it fits the dataset (class order; for encoded caches also the prompt hash and,
-    when given, the requested model/pretrained). Otherwise encodes the prompts with open_clip
-    (``model_name``/``pretrained`` or the cache's or the defaults) and writes the cache. If that is
-    impossible, raises TextEmbeddingError saying how to provide embeddings.
+    when given, the requested model/pretrained). With no cache, encodes the prompts with open_clip
+    (``model_name``/``pretrained`` or the defaults) and writes the cache. A cache that does not fit is
+    never overwritten here (other runs may use it): the prompts are encoded for this run only and the
+    log says how to update the cache. If no embeddings can be had, raises TextEmbeddingError saying
+    how to provide them.
     """
     class_names = dataset_class_names(dataset_json)
     cached = load_cache(preprocessed_folder)
+    cache_path = Path(preprocessed_folder) / CACHE_FILENAME
     prompts: ResolvedPrompts | None = None
-    if cached is None or cached.provenance.get("source") == "open_clip":
-        prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
+    if cached is not None and cached.provenance.get("source") == "open_clip":
+        try:
+            prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
+        except PromptError as e:
+            if cache_mismatch(cached, class_names, None, model_name, pretrained) is None:
+                logger.warning("prompts cannot be resolved here (%s); using the cache %s as it is", e, cache_path)
+                return cached
+            raise
     if cached is not None:
         reason = cache_mismatch(cached, class_names, prompts, model_name, pretrained)
         if reason is None:
             logger.info("using cached text embeddings: %s", cached.describe())
             return cached
         if cached.provenance.get("source") == "file":
-            raise TextEmbeddingError(
-                f"text embedding cache {Path(preprocessed_folder) / 'tak_text_embeddings.pt'} does not fit: "
-                f"{reason}.\n" + how_to_provide(dataset_name))
-        logger.warning("text embedding cache is stale (%s); re-encoding", reason)
+            raise TextEmbeddingError(f"text embedding cache {cache_path} does not fit: {reason}.\n"
+                                     + how_to_provide(dataset_name))
         model_name = model_name or cached.provenance.get("model")
         pretrained = pretrained or cached.provenance.get("pretrained")
-        if prompts is None:
-            prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
-    model_name = model_name or DEFAULT_MODEL
-    pretrained = pretrained or DEFAULT_PRETRAINED
+        logger.warning("text embedding cache %s does not fit (%s): encoding for this run only; update the cache "
+                       "with nnUNetv2_tak_encode_prompts -d %s --force", cache_path, reason, dataset_name)
+    if prompts is None:
+        prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
     try:
-        embeddings = encode_prompts(prompts, model_name, pretrained)
+        embeddings = encode_prompts(prompts, model_name or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED)
     except TextEmbeddingError as e:
         raise TextEmbeddingError(
             f"no usable text embeddings for {dataset_name}: {e}\n{how_to_provide(dataset_name)}") from e
-    save_cache(preprocessed_folder, embeddings)
-    logger.info("encoded and cached text embeddings: %s", embeddings.describe())
+    if cached is None:
+        save_cache(preprocessed_folder, embeddings)
+        logger.info("encoded and cached text embeddings: %s", embeddings.describe())
     return embeddings

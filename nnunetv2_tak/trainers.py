@@ -19,7 +19,13 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, unwrap_network
 from nnunetv2_tak.prompts import dataset_class_names
-from nnunetv2_tak.text import TextEmbeddingError, TextEmbeddings, random_text_embeddings
+from nnunetv2_tak.text import (
+    RANDOM_WEIGHTS,
+    TextEmbeddingError,
+    TextEmbeddings,
+    how_to_provide,
+    random_text_embeddings,
+)
 from nnunetv2_tak.text_source import dataset_text_embeddings
 
 __all__ = [
@@ -42,6 +48,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     text_model: ClassVar[str | None] = None  # open_clip model; None: the cache's, else ViT-B-32
     text_pretrained: ClassVar[str | None] = None  # tag or local checkpoint; None: the cache's, else openai
     random_text_seed: ClassVar[int] = 0
+    allow_random_text_encoder: ClassVar[bool] = False  # accept a cache encoded with --pretrained random-init
     text_prior: ClassVar[TextPriorConfig] = TextPriorConfig()  # head geometry (K and D come from the text)
     # --- schedule (None keeps nnU-Net's default) --------------------------------------------
     epochs: ClassVar[int | None] = None
@@ -97,8 +104,15 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         if self.text_source != "prompts":
             raise ValueError(f"{type(self).__name__}.text_source must be 'prompts' or 'random', "
                              f"not {self.text_source!r}")
-        return dataset_text_embeddings(self.dataset_json, self.plans_manager.dataset_name,
-                                       self.preprocessed_dataset_folder_base, self.text_model, self.text_pretrained)
+        embeddings = dataset_text_embeddings(self.dataset_json, self.plans_manager.dataset_name,
+                                             self.preprocessed_dataset_folder_base, self.text_model,
+                                             self.text_pretrained)
+        if embeddings.provenance.get("pretrained") == RANDOM_WEIGHTS and not self.allow_random_text_encoder:
+            raise TextEmbeddingError(
+                f"the text embeddings of {self.plans_manager.dataset_name} were encoded with RANDOM open_clip weights "
+                f"(--pretrained {RANDOM_WEIGHTS}), which carry no textual knowledge; {type(self).__name__} does not "
+                "accept them.\n" + how_to_provide(self.plans_manager.dataset_name))
+        return embeddings
 
     def _record_text_in_plans(self, embeddings: TextEmbeddings) -> None:
         """Store head geometry and text provenance in the plans (copied to the results folder), so the
@@ -110,16 +124,31 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         self.configuration_manager.configuration[PLANS_KEY] = entry
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        restored = unwrap_network(self.network).text_prior.text_embeddings
-        current = self.text_embeddings.tensor.to(restored.device)
-        if restored.shape != current.shape or not torch.allclose(restored, current):
+        """nnU-Net's resume (--c, --val), refusing a checkpoint trained with other text embeddings."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        restored = checkpoint["network_weights"]["text_prior.text_embeddings"]
+        current = self.text_embeddings.tensor
+        if restored.shape != current.shape or not torch.allclose(restored.float().cpu(), current):
             raise TextEmbeddingError(
-                f"checkpoint {filename_or_checkpoint} was trained with other text embeddings than the current "
-                f"text source ({self.text_embeddings.describe()}). Restore the embedding cache the run started "
-                "with (see plans.json 'tak_text_prior' in the results folder for its provenance) or start a new "
-                "run in another output folder."
+                f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} was "
+                f"trained with other text embeddings (shape {list(restored.shape)}) than the current text source "
+                f"({self.text_embeddings.describe()}). Restore the prompts/embedding cache the run started with "
+                "(its provenance is in plans.json 'tak_text_prior' of the results folder) or train into another "
+                "output folder. Nothing was changed."
             )
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def on_train_start(self):
+        super().on_train_start()
+        # -pretrained_weights may have brought another dataset's text: this dataset's text wins
+        network = unwrap_network(self.network)
+        if not torch.equal(network.text_prior.text_embeddings, self.text_embeddings.tensor.to(self.device)):
+            self.print_to_log_file("TAK: the loaded weights carried other text embeddings; using this dataset's.")
+            network.set_text_embeddings(self.text_embeddings.tensor.to(self.device))
 
 
 class nnUNetTrainerTAK_RandomText(nnUNetTrainerTAK):
@@ -129,7 +158,9 @@ class nnUNetTrainerTAK_RandomText(nnUNetTrainerTAK):
 
 
 class nnUNetTrainerTAK_Debug(nnUNetTrainerTAK):
-    """Plumbing checks: 1 epoch of 2 iterations, 1 validation iteration."""
+    """Plumbing checks: 1 epoch of 2 iterations, 1 validation iteration; accepts random-weight text."""
+
+    allow_random_text_encoder = True
 
     epochs = 1
     iterations_per_epoch = 2
@@ -141,7 +172,9 @@ class nnUNetTrainerTAK_RandomText_Debug(nnUNetTrainerTAK_Debug):
 
 
 class nnUNetTrainerTAK_Quick(nnUNetTrainerTAK):
-    """CPU quickstart schedule: 20 epochs x 25 iterations."""
+    """CPU quickstart schedule: 20 epochs x 25 iterations; accepts random-weight text (offline quickstart)."""
+
+    allow_random_text_encoder = True
 
     epochs = 20
     iterations_per_epoch = 25

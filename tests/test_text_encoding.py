@@ -69,6 +69,9 @@ def test_encode_cli_with_random_weight_open_clip_caches_and_reuses(dataset, caps
     assert rebuilt.provenance["prompt_sha256"] != p["prompt_sha256"]
     assert not torch.allclose(rebuilt.tensor[1], cache.tensor[1])
     torch.testing.assert_close(rebuilt.tensor[[0, 2, 3]], cache.tensor[[0, 2, 3]])  # same weights, same prompts
+    # training never overwrites a cache other runs may use; the CLI updates it
+    assert load_cache(pre).provenance["prompt_sha256"] == p["prompt_sha256"]
+    assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 0
     assert load_cache(pre).provenance["prompt_sha256"] == rebuilt.provenance["prompt_sha256"]
 
 

@@ -35,8 +35,20 @@ def without_cache(nnunet_env, tmp_path):
     if cache.exists():
         shutil.move(cache, backup)
     yield nnunet_env
+    cache.unlink(missing_ok=True)
     if backup.exists():
         shutil.move(backup, cache)
+
+
+def test_random_weight_encoder_is_refused_unless_allowed(without_cache):
+    from nnunetv2_tak.cli.encode_prompts import main as encode_main
+
+    assert encode_main(["-d", "501", "--pretrained", "random-init"]) == 0
+    with pytest.raises(TextEmbeddingError, match="RANDOM open_clip weights"):
+        new_trainer(nnUNetTrainerTAK, without_cache).initialize()
+    trainer = new_trainer(nnUNetTrainerTAK_Debug, without_cache)  # allow_random_text_encoder = True
+    trainer.initialize()
+    assert "RANDOM encoder weights" in Path(trainer.log_file).read_text()
 
 
 class MissingWeightsTrainer(nnUNetTrainerTAK_Debug):

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunetv2_tak.prompts import PromptError, dataset_class_names
+from nnunetv2_tak.prompts import dataset_class_names
 from nnunetv2_tak.text import (
     CACHE_FILENAME,
     DEFAULT_MODEL,
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if pretrained == RANDOM_WEIGHTS:
             print("WARNING: random open_clip weights were used: these embeddings carry no textual knowledge.")
         return 0
-    except (PromptError, TextEmbeddingError, ValueError, FileNotFoundError) as e:
+    except (TextEmbeddingError, ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: unknown dataset
         print(f"nnUNetv2_tak_encode_prompts: error: {e}", file=sys.stderr)
         return 2
 
