@@ -242,6 +242,9 @@ def cache_mismatch(cached: TextEmbeddings, class_names: Sequence[str], prompts: 
             return f"model {p.get('model')} in the cache, {model_name} requested"
         if pretrained is not None and p.get("pretrained") != pretrained:
             return f"pretrained {p.get('pretrained')} in the cache, {pretrained} requested"
+        weights = p.get("pretrained", "")
+        if "pretrained_file" in p and os.path.isfile(weights) and _file_fingerprint(weights) != p["pretrained_file"]:
+            return f"the encoder checkpoint {weights} changed since the cache was encoded"
     elif p.get("source") == "file":
         if model_name is not None or pretrained is not None:
             return f"the cache holds embeddings imported from {p.get('file')}, but an open_clip encoder was requested"

@@ -29,7 +29,7 @@ def dataset(tmp_path, monkeypatch):
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 0, "file_ending": ".nii.gz"}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": dict(LABELS), "numTraining": 0, "file_ending": ".nii.gz"}
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         folder = tmp_path / var / DATASET
         folder.mkdir()
@@ -158,3 +158,18 @@ def test_missing_prompt_via_cli_names_the_label(dataset, capsys):
     assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 2
     assert "no prompts for label(s) ['hepatic cyst']" in capsys.readouterr().err
     assert not (pre / CACHE_FILENAME).exists()
+
+
+def test_changed_local_checkpoint_makes_the_cache_stale(dataset, tmp_path):
+    from nnunetv2_tak.text import cache_mismatch
+
+    pre = dataset[1]
+    assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 0
+    cache = load_cache(pre)
+    weights = tmp_path / "encoder.bin"
+    weights.write_bytes(b"v1")
+    cache.provenance.update({"pretrained": str(weights), "pretrained_file": {"size": 2,
+                                                                              "mtime": int(weights.stat().st_mtime)}})
+    assert cache_mismatch(cache, list(LABELS), None) is None
+    weights.write_bytes(b"version 2")
+    assert "changed since the cache was encoded" in cache_mismatch(cache, list(LABELS), None)
