@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from nnunetv2_tak import _discovery
 
@@ -27,10 +30,15 @@ def test_shim_folder_holds_only_the_reexport_module():
     assert files == ["nnunetv2_tak_trainers.py"]
 
 
-def test_wheel_contents(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO)], check=True, timeout=300)
-    wheel = next(tmp_path.glob("nnunetv2_tak-*.whl"))
+                    "-w", str(out), str(REPO)], check=True, timeout=300)
+    return next(out.glob("nnunetv2_tak-*.whl"))
+
+
+def test_wheel_contents(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "nnunetv2_tak.pth" in names  # at the root of site-packages
@@ -41,3 +49,32 @@ def test_wheel_contents(tmp_path):
     for script in ("nnUNetv2_tak_encode_prompts", "nnUNetv2_tak_make_synthetic", "nnUNetv2_tak_shrink_plans"):
         assert script in entry_points
     assert not any(n.startswith("tests/") for n in names)
+
+
+def test_installed_wheel_registers_trainers_and_ships_prompts(wheel, tmp_path):
+    """A non-editable install: the wheel unpacked into a site directory of its own, whose .pth hook
+    alone registers the trainers; the package, shim and prompts all come from that directory."""
+    site_dir = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site_dir),
+                    str(wheel)], check=True, timeout=300)
+    script = textwrap.dedent(f"""
+        import os, site, sys
+        site.addsitedir({str(site_dir)!r})  # processes nnunetv2_tak.pth like site-packages does
+        for path in {[p for p in sys.path if p.endswith("site-packages")]!r}:
+            sys.path.append(path)  # torch, nnunetv2, ... (not the source checkout)
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        cls = recursive_find_trainer_class_by_name("nnUNetTrainerTAK")
+        import nnunetv2_tak
+        from nnunetv2_tak.prompts import shipped_prompts_dir
+        print("FILE=" + nnunetv2_tak.__file__)
+        print("PROMPTS=" + str(shipped_prompts_dir()))
+        print("EXT=" + os.environ["nnUNet_extTrainer"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    proc = subprocess.run([sys.executable, "-S", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and line[:1].isupper())
+    assert out["FILE"].startswith(str(site_dir))
+    assert out["PROMPTS"] == str(site_dir / "nnunetv2_tak" / "prompts")
+    assert out["EXT"] == str(site_dir / "nnunetv2_tak" / "_trainer_shim")
