@@ -127,6 +127,8 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         """nnU-Net's resume (--c, --val), refusing a checkpoint trained with other text embeddings."""
         if not self.was_initialized:
             self.initialize()
+        # The file is read here and again by nnU-Net: nnunetv2 2.8's load_checkpoint fails when handed a
+        # dict, and checking before it loads keeps the network untouched when the text does not match.
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
