@@ -1,0 +1,66 @@
+"""Paper-style few-label splits: a seeded choice of labeled training cases; the other training cases
+become unlabeled (the ``"unlabeled"`` key of a splits_final.json entry, which nnU-Net ignores), so
+their labels are never read by training."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nnunetv2_tak.unlabeled import SPLIT_KEY
+
+
+class SplitError(ValueError):
+    pass
+
+
+def few_label_split(case_ids: Sequence[str], *, labeled_fraction: float | None = None,
+                    labeled: Sequence[str] | None = None, num_val: int | None = None,
+                    val: Sequence[str] | None = None, seed: int = 0) -> dict[str, list[str]]:
+    """-> {"train": labeled cases, "val": validation cases, "unlabeled": all other cases}.
+
+    Validation cases (``val`` or ``num_val`` drawn at random, default max(1, 10% of the cases)) are
+    taken out first; then ``labeled`` or a ``labeled_fraction`` of the remaining pool (at least 1) is
+    drawn with ``seed``. The three sets are disjoint and cover ``case_ids``.
+    """
+    cases = sorted(set(case_ids))
+    if (labeled_fraction is None) == (labeled is None):
+        raise SplitError("give exactly one of a labeled fraction or an explicit list of labeled cases")
+    unknown = sorted((set(labeled or []) | set(val or [])) - set(cases))
+    if unknown:
+        raise SplitError(f"case(s) {unknown[:5]} are not training cases of this dataset")
+    rng = np.random.default_rng(seed)
+    if val is None:
+        n_val = max(1, round(0.1 * len(cases))) if num_val is None else num_val
+        val = [] if n_val == 0 else sorted(rng.choice(cases, size=n_val, replace=False).tolist())
+    pool = [c for c in cases if c not in set(val)]
+    if labeled is None:
+        if not 0 < labeled_fraction <= 1:
+            raise SplitError(f"--labeled-fraction must be in (0, 1], not {labeled_fraction}")
+        n_lab = max(1, round(labeled_fraction * len(pool)))
+        labeled = sorted(rng.choice(pool, size=n_lab, replace=False).tolist())
+    overlap = sorted(set(labeled) & set(val))
+    if overlap:
+        raise SplitError(f"case(s) {overlap} are both labeled and validation cases")
+    if not labeled:
+        raise SplitError("no labeled case left for training")
+    if not val:
+        raise SplitError("nnU-Net needs at least one validation case per fold (--num-val >= 1)")
+    unlabeled = [c for c in pool if c not in set(labeled)]
+    return {"train": sorted(labeled), "val": sorted(val), SPLIT_KEY: unlabeled}
+
+
+def write_splits(preprocessed_dataset_folder: str | os.PathLike, splits: list[dict], force: bool = False) -> Path:
+    """Write splits_final.json; an existing file is kept as splits_final.json.bak-<time> (only with ``force``)."""
+    path = Path(preprocessed_dataset_folder) / "splits_final.json"
+    if path.exists():
+        if not force:
+            raise SplitError(f"{path} exists; pass --force to replace it (the old file is kept as a backup)")
+        path.rename(path.with_name(f"splits_final.json.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
+    path.write_text(json.dumps(splits, indent=1))
+    return path
