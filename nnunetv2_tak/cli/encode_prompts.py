@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from nnunetv2_tak.cli._common import dataset_name as _dataset_name
+from nnunetv2_tak.cli._common import nnunet_folder
 from nnunetv2_tak.prompts import dataset_class_names
 from nnunetv2_tak.text import (
     CACHE_FILENAME,
@@ -26,20 +27,6 @@ from nnunetv2_tak.text import (
 from nnunetv2_tak.text_source import dataset_prompts, raw_dataset_folder
 
 logger = logging.getLogger(__name__)
-
-
-def _dataset_name(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    return maybe_convert_to_dataset_name(int(dataset) if dataset.isdigit() else dataset)
-
-
-def _preprocessed_folder(dataset_name: str) -> Path:
-    root = os.environ.get("nnUNet_preprocessed")
-    if not root:
-        raise TextEmbeddingError("the environment variable nnUNet_preprocessed is not set; the embedding cache "
-                                 "is stored in nnUNet_preprocessed/<dataset>/")
-    return Path(root) / dataset_name
 
 
 def _dataset_json(dataset_name: str, preprocessed: Path) -> dict:
@@ -73,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         dataset_name = _dataset_name(args.dataset)
-        preprocessed = _preprocessed_folder(dataset_name)
+        preprocessed = nnunet_folder("nnUNet_preprocessed", dataset_name, TextEmbeddingError)
         dataset_json = _dataset_json(dataset_name, preprocessed)
         if args.embeddings:
             if args.model or args.pretrained:

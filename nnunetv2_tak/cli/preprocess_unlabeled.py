@@ -1,0 +1,56 @@
+"""nnUNetv2_tak_preprocess_unlabeled: preprocess nnUNet_raw/<dataset>/imagesUnlabeled with the dataset's
+own plans (training does this on first use; this command does it ahead of time)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from nnunetv2_tak.cli._common import dataset_name, nnunet_folder
+from nnunetv2_tak.unlabeled import UNLABELED_DIR, UnlabeledDataError, preprocess_unlabeled
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_tak_preprocess_unlabeled", description=__doc__)
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
+                   help="plans configurations to preprocess for (default 3d_fullres)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: nnU-Net's nnUNet_def_n_proc)")
+    p.add_argument("--replace-stale", action="store_true",
+                   help="when the plans changed since the last run, move the stale folder aside and redo it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        from nnunetv2.configuration import default_num_processes
+
+        name = dataset_name(args.dataset)
+        raw = nnunet_folder("nnUNet_raw", name, UnlabeledDataError)
+        preprocessed = nnunet_folder("nnUNet_preprocessed", name, UnlabeledDataError)
+        plans_file = preprocessed / f"{args.plans}.json"
+        if not plans_file.is_file():
+            raise UnlabeledDataError(f"no plans {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
+        plans = json.loads(plans_file.read_text())
+        dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+        for configuration in args.configurations:
+            if configuration not in plans["configurations"]:
+                raise UnlabeledDataError(f"configuration {configuration!r} is not in {plans_file} "
+                                         f"(has {sorted(plans['configurations'])})")
+            folder, cases = preprocess_unlabeled(raw, preprocessed, plans, configuration, dataset_json,
+                                                 num_processes=args.num_processes or default_num_processes,
+                                                 replace_stale=args.replace_stale)
+            if not cases:
+                raise UnlabeledDataError(f"no unlabeled images in {raw / UNLABELED_DIR}")
+            logger.info("%s: %d unlabeled case(s) ready in %s", configuration, len(cases), folder)
+    except UnlabeledDataError as exc:
+        logger.error("error: %s", exc)
+        return 2
+    return 0
