@@ -38,6 +38,7 @@ class TextPriorConfig:
     head_input_norm: bool = False  # nnU-Net decoder stages already end in norm + nonlinearity
     chunk_voxels: int = 4096  # chunked, memory-lean head; 0 = plain autograd graph
     stable_controller: bool = True  # LayerNorm on the controller input + He-scaled dynamic parameters
+    learned_embeddings: bool = False  # no-text ablation: E [C, K, D] is a trained parameter, not frozen text
 
     def to_dict(self) -> dict[str, int | bool]:
         return asdict(self)
@@ -133,7 +134,11 @@ class TextPriorHead(nn.Module):
         super().__init__()
         self.config = config
         hid = config.hidden_dim
-        self.register_buffer("text_embeddings", torch.zeros(num_classes, config.num_kinds, config.embed_dim))
+        shape = (num_classes, config.num_kinds, config.embed_dim)
+        if config.learned_embeddings:  # same state-dict key either way, so checkpoints and the predictor agree
+            self.text_embeddings = nn.Parameter(torch.randn(shape) * config.embed_dim ** -0.5)
+        else:
+            self.register_buffer("text_embeddings", torch.zeros(shape))
         self.kind_mlp = nn.Sequential(nn.Linear(config.embed_dim, hid), nn.ReLU(inplace=True))
         self.text_fuse = nn.Sequential(nn.Linear(config.num_kinds * hid, hid), nn.ReLU(inplace=True))
         self.image_pool = nn.ModuleList(
@@ -181,6 +186,20 @@ class TextPriorHead(nn.Module):
         return self.controller(self.joint_norm(joint)) * self.param_scale.to(joint.dtype)
 
 
+class ContrastiveHeads(nn.Module):
+    """Projection heads of the text-visual contrastive term, one per deep encoder stage: voxel features
+    ch -> ch and prompt embeddings D -> ch (two-layer MLPs). Applied to sampled anchors only, so the
+    voxel projection is a Linear on gathered vectors (equal to a 1x1 conv on the whole map)."""
+
+    def __init__(self, stage_channels: list[int], embed_dim: int):
+        super().__init__()
+        self.voxel = nn.ModuleList(
+            nn.Sequential(nn.Linear(ch, ch), nn.ReLU(inplace=True), nn.Linear(ch, ch)) for ch in stage_channels)
+        self.text = nn.ModuleList(
+            nn.Sequential(nn.Linear(embed_dim, ch), nn.ReLU(inplace=True), nn.Linear(ch, ch))
+            for ch in stage_channels)
+
+
 def _head_input(encoder: nn.Module, channels: int, head_channels: int, with_norm: bool) -> nn.Sequential:
     """Decoder features [B, channels, *S] -> [B, head_channels, *S]: (norm, nonlinearity,) 1x1 conv."""
     layers: list[nn.Module] = []
@@ -215,6 +234,8 @@ class TextPriorUNet(nn.Module):
         )
         self.num_image_stages = min(config.num_image_stages, len(channels))
         self.text_prior = TextPriorHead(num_classes, channels[-self.num_image_stages:], config)
+        # built always (also when a variant does not train it) so every checkpoint has the same keys
+        self.contrast = ContrastiveHeads(channels[-self.num_image_stages:], config.embed_dim)
 
     @property
     def num_classes(self) -> int:
@@ -228,17 +249,25 @@ class TextPriorUNet(nn.Module):
                 f"text embeddings have shape {list(embeddings.shape)} but this network was built for "
                 f"{list(expected)} (classes, prompt kinds, embedding dim)"
             )
+        if self.config.learned_embeddings:
+            raise ValueError("this network learns its class embeddings (TextPriorConfig.learned_embeddings); "
+                             "it takes no text embeddings")
         with torch.no_grad():
             self.text_prior.text_embeddings.copy_(embeddings)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_deep_features: bool = False):
+        """-> logits (or the deep-supervision list); with ``return_deep_features`` also the deepest
+        encoder stages [B, ch_i, *S_i] (shallow to deep) used by the image branch and the contrastive term."""
         skips = self.encoder(x)
-        params = self.text_prior(skips[-self.num_image_stages:])  # [B, C, P]
+        deep = skips[-self.num_image_stages:]
+        params = self.text_prior(deep)  # [B, C, P]
         head_features = self.decoder(skips)
         h, chunk = self.config.head_channels, self.config.chunk_voxels
         if isinstance(head_features, list | tuple):
-            return [apply_dynamic_head(f, params, h, chunk) for f in head_features]
-        return apply_dynamic_head(head_features, params, h, chunk)
+            logits = [apply_dynamic_head(f, params, h, chunk) for f in head_features]
+        else:
+            logits = apply_dynamic_head(head_features, params, h, chunk)
+        return (logits, list(deep)) if return_deep_features else logits
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -61,7 +61,7 @@ def prepared_dataset(tmp_path_factory) -> PreparedDataset:
         env[var] = str(root / var)
     env.update({"nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "HF_HUB_OFFLINE": "1"})
     folder = generate_dataset(root / "nnUNet_raw", DATASET_ID, "TAKTiny", num_training=6, num_test=2,
-                              spec=CohortSpec(**TINY_SPEC), seed=0)
+                              num_unlabeled=3, spec=CohortSpec(**TINY_SPEC), seed=0)
     nnunet_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
                "--verify_dataset_integrity", env=env)
     data = PreparedDataset(root, folder.name, env)
