@@ -139,6 +139,8 @@ def _head_activity(net, data: torch.Tensor) -> float:
 
 class SGDStabilityTrainer(nnUNetTrainerTAK_RandomText_Debug):
     iterations_per_epoch = 60
+    use_unlabeled = False  # the head alone, under the supervised loss
+    contrastive_weight = 0.0
 
 
 def test_dynamic_head_stays_alive_under_nnunet_sgd(nnunet_env):
