@@ -4,9 +4,10 @@
     python examples/quickstart.py --pretrained /path/to/open_clip_vit_b_32.bin   # real CLIP text
     python examples/quickstart.py --embeddings my_text_embeddings.pt            # your own embeddings
 
-Steps, all with the stock nnU-Net commands: generate 16 scans in AMOS label order -> plan and
-preprocess -> shrink the plans to a CPU-sized network -> encode the organ prompts -> train
-nnUNetTrainerTAK_Quick (20 x 25 iterations) -> predict the 4 held-out scans -> per-class Dice.
+Steps, all with the stock nnU-Net commands: generate 12 labeled + 8 unlabeled (imagesUnlabeled/) +
+4 test scans in AMOS label order -> plan and preprocess -> shrink the plans to a CPU-sized network ->
+encode the organ prompts -> train nnUNetTrainerTAK_Quick (20 x 25 semi-supervised iterations; the
+unlabeled scans are preprocessed on first use) -> predict the 4 held-out scans -> per-class Dice.
 
 Without --pretrained/--embeddings the prompts are encoded by open_clip ViT-B-32 with *random*
 weights (no weights can be downloaded offline): the run then exercises every code path but the
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = work / "nnUNet_raw"
     existing = sorted(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
     dataset = existing[0] if existing else generate_dataset(
-        raw, DATASET_ID, "TAKQuickstart", num_training=12, num_test=4,
+        raw, DATASET_ID, "TAKQuickstart", num_training=12, num_test=4, num_unlabeled=8,
         spec=CohortSpec(shape=(32, 64, 64), spacing=(7.5, 4.5, 4.5)), seed=0)
     preprocessed = work / "nnUNet_preprocessed" / dataset.name
     if not (preprocessed / "nnUNetPlans_3d_fullres").is_dir():

@@ -103,12 +103,11 @@ class GradientAwareCrossEntropy(nn.Module):
 
     def class_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive weights r [C], negative weights q [C]), float32."""
-        if float(self.neg_grad.sum()) == 0.0:
-            ones = torch.ones(self.num_classes, device=self.pos_grad.device)
-            return ones, ones
         ratio = (self.pos_grad / self.neg_grad.clamp_min(1e-12)).float()
         q = torch.sigmoid(self.gamma * (ratio - self.mu))
-        return 1.0 + self.alpha * (1.0 - q), q
+        started = self.neg_grad.sum() > 0  # stays on the device: no host sync per call
+        one = torch.ones_like(q)
+        return torch.where(started, 1.0 + self.alpha * (1.0 - q), one), torch.where(started, q, one)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target[:, 0].long() if target.ndim == logits.ndim else target.long()

@@ -28,7 +28,6 @@ UNLABELED_DIR = "imagesUnlabeled"
 MANIFEST = "tak_unlabeled.json"
 MANIFEST_FORMAT = "nnunetv2_tak.unlabeled/1"
 SPLIT_KEY = "unlabeled"  # extra key of a splits_final.json entry (nnU-Net ignores it)
-_FINGERPRINT_EXCLUDE = ("tak_text_prior",)  # written into the plans by training, not preprocessing
 
 
 class UnlabeledDataError(ValueError):
@@ -72,11 +71,17 @@ def unlabeled_folder(preprocessed_dataset_folder_base: str | os.PathLike, data_i
     return Path(preprocessed_dataset_folder_base) / f"{data_identifier}_unlabeled"
 
 
+# the configuration entries that determine a preprocessed image (not the network, batch or patch size)
+PREPROCESSING_KEYS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
+                      "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs")
+
+
 def plans_fingerprint(plans: Mapping, configuration: Mapping, dataset_json: Mapping) -> str:
-    """sha256 of everything that determines a preprocessed image: the configuration (spacing,
-    normalisation, resampling, ...), intensity statistics, axis order, channels and reader."""
+    """sha256 of everything that determines a preprocessed image: target spacing, normalisation,
+    resampling, preprocessor, intensity statistics, axis order, channels and reader. Network width,
+    batch and patch size (e.g. shrunk plans) do not make the preprocessing stale."""
     relevant = {
-        "configuration": {k: v for k, v in configuration.items() if k not in _FINGERPRINT_EXCLUDE},
+        "configuration": {k: configuration.get(k) for k in PREPROCESSING_KEYS},
         "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
         "transpose_forward": plans.get("transpose_forward"),
         "image_reader_writer": plans.get("image_reader_writer"),

@@ -1,5 +1,6 @@
 """End to end through the stock nnU-Net entry points in subprocesses, with the installed package:
-plan/preprocess (fixture) -> encode prompts -> nnUNetv2_train -tr nnUNetTrainerTAK_Debug ->
+plan/preprocess (fixture, with imagesUnlabeled/) -> encode prompts -> nnUNetv2_train -tr
+nnUNetTrainerTAK_Debug (semi-supervised; unlabeled scans preprocessed on first use) ->
 nnUNetv2_predict from the checkpoint alone -> nnUNetv2_evaluate_folder."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def trained(prepared_dataset):
     env = prepared_dataset.env
     assert "nnUNet_extTrainer" not in env  # discovery must come from the installed .pth hook alone
     nnunet_cli("nnUNetv2_tak_encode_prompts", "-d", str(DATASET_ID), "--pretrained", "random-init", env=env)
+    shutil.rmtree(prepared_dataset.preprocessed / "nnUNetPlans_3d_fullres_unlabeled", ignore_errors=True)  # first use
     proc = nnunet_cli("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
                       env=env)
     model = prepared_dataset.results / f"{TRAINER}__nnUNetPlans__3d_fullres"
@@ -38,8 +40,13 @@ def test_training_through_stock_cli(trained):
     assert f"Using trainer '{TRAINER}'" in stdout
     # says which text it used, and that random encoder weights carry no knowledge
     assert "TAK text source: open_clip ViT-B-32 / random-init (RANDOM encoder weights" in stdout
+    # the unlabeled scans of imagesUnlabeled/ were preprocessed on first use and streamed
+    assert "TAK: preprocessing 3 unlabeled case(s) of 3" in stdout
+    assert "TAK: 3 unlabeled case(s), 3 streamed by this process" in stdout
+    assert (data.preprocessed / "nnUNetPlans_3d_fullres_unlabeled" / "tak_unlabeled.json").is_file()
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == TRAINER
+    assert ckpt["tak_ssl"]["teacher"]["step"] == 2 and ckpt["tak_ssl"]["num_unlabeled"] == 3
     cache = torch.load(data.preprocessed / "tak_text_embeddings.pt", weights_only=True)
     torch.testing.assert_close(ckpt["network_weights"]["text_prior.text_embeddings"], cache["embeddings"])
     entry = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["tak_text_prior"]

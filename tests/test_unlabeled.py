@@ -13,6 +13,7 @@ import pytest
 
 from nnunetv2_tak.cli.make_splits import main as make_splits_main
 from nnunetv2_tak.cli.preprocess_unlabeled import main as preprocess_main
+from nnunetv2_tak.plans import shrink_configuration
 from nnunetv2_tak.unlabeled import (
     MANIFEST,
     UNLABELED_DIR,
@@ -82,12 +83,15 @@ def test_stale_preprocessing_is_detected_and_moved_aside_not_overwritten(scratch
     assert blosc2.open(str(folder / "u1.b2nd"), mode="r").shape != blosc2.open(str(aside[0] / "u1.b2nd")).shape
 
 
-def test_the_text_prior_key_does_not_make_preprocessing_stale(scratch):
+def test_network_changes_do_not_make_preprocessing_stale(scratch):
     raw, base, plans, data = scratch
     _copy_training_image(data, raw, "case_0000", "u1")
-    preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    folder, _ = preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    stamp = (folder / "u1.b2nd").stat().st_mtime_ns
     plans["configurations"]["3d_fullres"]["tak_text_prior"] = {"head": {}, "text": {}}  # written by training
+    shrink_configuration(plans, "3d_fullres", base_features=2, max_features=8, batch_size=1)  # other network
     preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    assert (folder / "u1.b2nd").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(("name", "message"), [
@@ -128,7 +132,8 @@ def test_image_only_dataset_never_needs_labels_or_properties(prepared_dataset, t
 def test_cli_preprocess_and_make_splits(nnunet_env, tmp_path, monkeypatch):
     # a copy of the dataset so the session's preprocessed folder keeps its own splits
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        shutil.copytree(Path(nnunet_env.env[var]) / nnunet_env.name, tmp_path / var / nnunet_env.name)
+        shutil.copytree(Path(nnunet_env.env[var]) / nnunet_env.name, tmp_path / var / nnunet_env.name,
+                        ignore=shutil.ignore_patterns("*_unlabeled", "splits_final.json"))  # made by other tests
         monkeypatch.setenv(var, str(tmp_path / var))
     assert preprocess_main(["-d", "501", "-c", "3d_fullres"]) == 0
     folder = tmp_path / "nnUNet_preprocessed" / nnunet_env.name / "nnUNetPlans_3d_fullres_unlabeled"

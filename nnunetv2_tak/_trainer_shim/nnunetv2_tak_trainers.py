@@ -4,4 +4,5 @@ Only re-exports: the classes keep their home module ``nnunetv2_tak.trainers`` so
 picklable after nnU-Net removes this shim module from ``sys.modules``.
 """
 
+from nnunetv2_tak.benchmark_trainers import *
 from nnunetv2_tak.trainers import *

@@ -1,0 +1,180 @@
+"""Cost of one TAK training iteration vs one nnUNetTrainer iteration on the same plans, side by side.
+
+    python examples/benchmark_iteration_cost.py                     # CPU profile (16..128 features, 48x64x64)
+    python examples/benchmark_iteration_cost.py --device cuda --features 32 320 --patch 64 128 128 --batch 2
+
+Builds a synthetic dataset (labeled + unlabeled scans), plans and preprocesses it with the stock
+nnU-Net commands, then measures three trainers, each in its own subprocess, alternating rounds:
+
+  stock        nnUNetTrainer                          (nnU-Net's iteration)
+  text_prior   nnUNetTrainerTAK_TextPriorOnly         (same iteration through the text-prior network)
+  tak          nnUNetTrainerTAK                       (+ unlabeled batch, teacher, pseudo-labels, contrastive)
+
+``--mode compute`` (default) times ``train_step`` on batches fetched beforehand (the compute of an
+iteration; the floor for TAK is ~2.33x: student on twice the batch plus a teacher forward on half);
+``--mode full`` includes waiting for nnU-Net's augmentation workers. Peak memory: CUDA max allocated,
+or on CPU the growth of the process's peak RSS once the trainer exists (network, optimizer,
+prefetched batches, activations). Prints the ratios to stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATASET_ID = 503
+PLANS = "nnUNetPlansBench"
+KINDS = ("stock", "text_prior", "tak")
+
+
+def prepare(work: Path, args: argparse.Namespace) -> str:
+    """Dataset, plans and text cache (once per work dir); returns the dataset name."""
+    from nnunetv2_tak.plans import shrink_plans_file
+    from nnunetv2_tak.synthetic import generate_dataset
+
+    raw = work / "nnUNet_raw"
+    existing = sorted(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
+    dataset = existing[0] if existing else generate_dataset(raw, DATASET_ID, "TAKBench", num_training=6,
+                                                            num_unlabeled=4, seed=0)
+    pre = work / "nnUNet_preprocessed" / dataset.name
+    bin_dir = Path(sys.executable).parent
+    if not (pre / "nnUNetPlans_3d_fullres").is_dir():
+        subprocess.run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                        "-np", "2"], check=True, capture_output=True)
+    shrink_plans_file(pre / "nnUNetPlans.json", "3d_fullres", PLANS, base_features=args.features[0],
+                      max_features=args.features[1], batch_size=args.batch, patch_size=args.patch)
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    plans["configurations"]["3d_fullres"]["data_identifier"] = "nnUNetPlans_3d_fullres"  # reuse the data
+    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+    if not (pre / "tak_text_embeddings.pt").is_file():  # cost does not depend on the encoder's weights
+        subprocess.run([str(bin_dir / "nnUNetv2_tak_encode_prompts"), "-d", str(DATASET_ID), "--pretrained",
+                        "random-init"], check=True, capture_output=True)
+    return dataset.name
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
+    """Child process: one trainer, warm-up, timed iterations."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_tak.trainers import nnUNetTrainerTAK, nnUNetTrainerTAK_TextPriorOnly
+
+    class BenchTAK(nnUNetTrainerTAK):
+        allow_random_text_encoder = True
+        contrastive_start_fraction = 0.0  # steady state: every term active
+
+    class BenchTextPrior(nnUNetTrainerTAK_TextPriorOnly):
+        allow_random_text_encoder = True
+
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports, before the trainer
+    cls = {"stock": nnUNetTrainer, "text_prior": BenchTextPrior, "tak": BenchTAK}[kind]
+    pre = Path(os.environ["nnUNet_preprocessed"]) / args.dataset_name
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8 reads (and pops) this key
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    torch.manual_seed(0)
+    trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device(args.device))
+    trainer.disable_checkpointing = True
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    n = args.warmup + args.iters
+    if args.mode == "compute":
+        labeled = [next(trainer.dataloader_train) for _ in range(n)]
+        if kind == "tak":
+            unlabeled = [next(trainer.dataloader_unlabeled) for _ in range(n)]
+            real_unlabeled, trainer.dataloader_unlabeled = trainer.dataloader_unlabeled, iter(unlabeled)
+        time.sleep(2.0)  # let the augmentation workers fill their queues and go idle
+        batches = iter(labeled)
+    else:
+        batches = trainer.dataloader_train
+    device = torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        trainer.train_step(next(batches))
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        trainer.train_step(next(batches))
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start) / 1024)
+    if args.mode == "compute" and kind == "tak":
+        trainer.dataloader_unlabeled = real_unlabeled
+    trainer.on_train_end()
+    return {"kind": kind, "times": times, "peak_mib": peak,
+            "batch": trainer.batch_size, "patch": list(trainer.configuration_manager.patch_size)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default="benchmark_work")
+    p.add_argument("--features", type=int, nargs=2, default=[16, 128], metavar=("BASE", "MAX"))
+    p.add_argument("--patch", type=int, nargs=3, default=[48, 64, 64])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds per trainer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mode", choices=["compute", "full"], default="compute")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--dataset-name", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(measure(args.child, args)))
+        return 0
+
+    work = Path(args.work_dir).resolve()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / var).mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(work / var)
+    os.environ.setdefault("nnUNet_n_proc_DA", "2")
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    os.environ.setdefault("nnUNet_compile", "f")
+    name = prepare(work, args)
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    results: dict[str, list[dict]] = {k: [] for k in args.kinds}
+    for _ in range(args.rounds):
+        for kind in args.kinds:
+            proc = subprocess.run([sys.executable, __file__, *forwarded, "--child", kind, "--dataset-name", name],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-3000:])
+                return proc.returncode
+            results[kind].append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+    first = results[args.kinds[0]][0]
+    print(f"config: features {args.features}, patch {first['patch']}, batch {first['batch']} (+ the same "
+          f"unlabeled for tak), device {args.device}, mode {args.mode}, {args.rounds}x{args.iters} timed "
+          "iterations per trainer, alternating subprocesses")
+    summary = {}
+    for kind, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        summary[kind] = (statistics.median(times), max(r["peak_mib"] for r in runs))
+        print(f"  {kind:10s}: {summary[kind][0] * 1000:9.1f} ms/iteration (median), peak "
+              f"{'allocated' if args.device == 'cuda' else 'RSS growth'} {summary[kind][1]:9.1f} MiB")
+    if "stock" in summary:
+        for kind in summary:
+            if kind != "stock":
+                target = "  (target <= 2.5, floor ~2.33)" if kind == "tak" else ""
+                print(f"ratio {kind}/stock: time {summary[kind][0] / summary['stock'][0]:.3f}, "
+                      f"peak memory {summary[kind][1] / summary['stock'][1]:.3f}{target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
