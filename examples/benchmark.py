@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_tak.workspace import use_workspace
+
 DATASET_ID = 510
 BIN = Path(sys.executable).parent
 DEFAULT_EMBEDDINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tak_amos_text_embeddings.pth"
@@ -163,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / var).mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(work / var)
-    os.environ.setdefault("nnUNet_n_proc_DA", "2")
-    os.environ.setdefault("nnUNet_def_n_proc", "1")
-    os.environ.setdefault("nnUNet_compile", "f")
+    use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
     if args.epochs:
         os.environ["TAK_BENCH_EPOCHS"] = str(args.epochs)
     started = time.time()

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2_tak.workspace import use_workspace
+
 DATASET_ID = 503
 PLANS = "nnUNetPlansBench"
 KINDS = ("stock", "text_prior", "tak")
@@ -140,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = Path(args.work_dir).resolve()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / var).mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(work / var)
-    os.environ.setdefault("nnUNet_n_proc_DA", "2")
-    os.environ.setdefault("nnUNet_def_n_proc", "1")
-    os.environ.setdefault("nnUNet_compile", "f")
+    use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
     name = prepare(work, args)
     forwarded = list(argv if argv is not None else sys.argv[1:])
     results: dict[str, list[dict]] = {k: [] for k in args.kinds}

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nnunetv2_tak.workspace import use_workspace
 
 DATASET_ID = 502
 TRAINER = "nnUNetTrainerTAK_Quick"
@@ -48,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / var).mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(work / var)
-    # CPU-friendly nnU-Net settings: 2 augmentation workers, 1 export worker, no torch.compile
-    os.environ.setdefault("nnUNet_n_proc_DA", "2")
-    os.environ.setdefault("nnUNet_def_n_proc", "1")
-    os.environ.setdefault("nnUNet_compile", "f")
+    use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
     if args.embeddings:
         text_source = f"your embedding file {args.embeddings}"
     elif args.pretrained:

@@ -19,3 +19,9 @@ def nnunet_folder(variable: str, dataset: str, error: type[Exception] = ValueErr
     if not root:
         raise error(f"the environment variable {variable} is not set (see nnU-Net's setting_up_paths.md)")
     return Path(root) / dataset
+
+
+def dataset_folders(dataset: str, error: type[Exception] = ValueError) -> tuple[str, Path, Path]:
+    """(dataset name, $nnUNet_raw/<name>, $nnUNet_preprocessed/<name>)."""
+    name = dataset_name(dataset)
+    return name, nnunet_folder("nnUNet_raw", name, error), nnunet_folder("nnUNet_preprocessed", name, error)

@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 
-from nnunetv2_tak.cli._common import dataset_name, nnunet_folder
+from nnunetv2_tak.cli._common import dataset_folders
 from nnunetv2_tak.splits import SplitError, few_label_split, write_splits
 
 logger = logging.getLogger(__name__)
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-        name = dataset_name(args.dataset)
-        raw = nnunet_folder("nnUNet_raw", name, SplitError)
-        preprocessed = nnunet_folder("nnUNet_preprocessed", name, SplitError)
+        _, raw, preprocessed = dataset_folders(args.dataset, SplitError)
         if not preprocessed.is_dir():
             raise SplitError(f"{preprocessed} does not exist; run nnUNetv2_plan_and_preprocess -d {args.dataset}")
         dataset_json = json.loads((raw / "dataset.json").read_text())

@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 
-from nnunetv2_tak.cli._common import dataset_name, nnunet_folder
+from nnunetv2_tak.cli._common import dataset_folders
 from nnunetv2_tak.unlabeled import UNLABELED_DIR, UnlabeledDataError, preprocess_unlabeled
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nnunetv2.configuration import default_num_processes
 
-        name = dataset_name(args.dataset)
-        raw = nnunet_folder("nnUNet_raw", name, UnlabeledDataError)
-        preprocessed = nnunet_folder("nnUNet_preprocessed", name, UnlabeledDataError)
+        _, raw, preprocessed = dataset_folders(args.dataset, UnlabeledDataError)
         plans_file = preprocessed / f"{args.plans}.json"
         if not plans_file.is_file():
             raise UnlabeledDataError(f"no plans {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
