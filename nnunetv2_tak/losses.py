@@ -113,7 +113,12 @@ class GradientAwareCrossEntropy(nn.Module):
         target = target[:, 0].long() if target.ndim == logits.ndim else target.long()
         ignore = self.ignore_index if self.ignore_index is not None else -100
         valid = (target != ignore)
+        if self.pos_grad.device != logits.device:  # nnU-Net does not move its loss to the device
+            self.to(logits.device)
         if logits.requires_grad:
+            # a view of its own: the hook re-weights only the gradient that flows through this CE, not the
+            # Dice term that shares the logits in nnU-Net's Dice+CE
+            logits = logits.view_as(logits)
             onehot = F.one_hot(torch.where(valid, target, 0), self.num_classes).movedim(-1, 1).bool()
             onehot &= valid[:, None]
             r, q = self.class_weights()
@@ -122,7 +127,7 @@ class GradientAwareCrossEntropy(nn.Module):
             reduce_dims = [0, *range(2, logits.ndim)]
 
             def reweight(grad: torch.Tensor) -> torch.Tensor:
-                magnitude = grad.detach().abs().double()
+                magnitude = torch.nan_to_num(grad.detach().abs().double(), nan=0.0, posinf=0.0)  # AMP inf steps
                 with torch.no_grad():
                     self.pos_grad += (magnitude * onehot).sum(dim=reduce_dims)
                     self.neg_grad += (magnitude * (~onehot & valid[:, None])).sum(dim=reduce_dims)

@@ -37,7 +37,8 @@ def few_label_split(case_ids: Sequence[str], *, labeled_fraction: float | None =
     rng = np.random.default_rng(seed)
     if val is None:
         n_val = max(1, round(0.1 * len(cases))) if num_val is None else num_val
-        val = [] if n_val == 0 else sorted(rng.choice(cases, size=n_val, replace=False).tolist())
+        candidates = [c for c in cases if c not in set(labeled or [])]  # never a case asked to be labeled
+        val = [] if n_val == 0 else sorted(rng.choice(candidates, size=n_val, replace=False).tolist())
     pool = [c for c in cases if c not in set(val)]
     if labeled is None:
         if not 0 < labeled_fraction <= 1:
@@ -61,6 +62,10 @@ def write_splits(preprocessed_dataset_folder: str | os.PathLike, splits: list[di
     if path.exists():
         if not force:
             raise SplitError(f"{path} exists; pass --force to replace it (the old file is kept as a backup)")
-        path.rename(path.with_name(f"splits_final.json.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup, n = path.with_name(f"splits_final.json.bak-{stamp}"), 1
+        while backup.exists():
+            backup, n = path.with_name(f"splits_final.json.bak-{stamp}-{n}"), n + 1
+        path.rename(backup)
     path.write_text(json.dumps(splits, indent=1))
     return path

@@ -57,6 +57,7 @@ from nnunetv2_tak.unlabeled import (
     ImageOnlyDataset,
     UnlabeledDataError,
     preprocess_unlabeled,
+    preprocessed_unlabeled_cases,
     shard_for_rank,
     split_unlabeled_cases,
 )
@@ -117,6 +118,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     contrastive_anchors: ClassVar[tuple[int, ...]] = (40, 20, 10)  # per sample and class, shallow -> deepest
     contrastive_on_unlabeled: ClassVar[bool] = True  # anchors also from confident pseudo-labels
     supervised_loss: ClassVar[str] = "dice_ce"  # "dice_ce" (nnU-Net) or "gradient_aware" (GALoss-style CE)
+    gradient_aware_params: ClassVar[tuple[float, float, float]] = (12.0, 0.8, 4.0)  # gamma, mu, alpha (EQL v2)
     # --- schedule (None keeps nnU-Net's default) --------------------------------------------
     epochs: ClassVar[int | None] = None
     iterations_per_epoch: ClassVar[int | None] = None
@@ -128,7 +130,8 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         "text_source", "use_unlabeled", "unlabeled_batch_size", "ema_decay", "teacher_noise_std",
         "teacher_noise_clip", "entropy_threshold_base", "entropy_threshold_start", "unsup_weight", "rampup_epochs",
         "contrastive_weight", "contrastive_start_fraction", "contrastive_temperature", "contrastive_anchors",
-        "contrastive_on_unlabeled", "supervised_loss", "num_epochs", "num_iterations_per_epoch")
+        "contrastive_on_unlabeled", "supervised_loss", "gradient_aware_params", "num_epochs",
+        "num_iterations_per_epoch")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -221,8 +224,9 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         loss = super()._build_loss()
         if self.supervised_loss == "gradient_aware":
             inner = getattr(loss, "loss", loss)  # DeepSupervisionWrapper or the bare Dice+CE
-            inner.ce = GradientAwareCrossEntropy(self.label_manager.num_segmentation_heads,
-                                                 ignore_index=self.label_manager.ignore_label)
+            gamma, mu, alpha = self.gradient_aware_params
+            inner.ce = GradientAwareCrossEntropy(self.label_manager.num_segmentation_heads, gamma, mu, alpha,
+                                                 ignore_index=self.label_manager.ignore_label).to(self.device)
         elif self.supervised_loss != "dice_ce":
             raise ValueError(f"{type(self).__name__}.supervised_loss must be 'dice_ce' or 'gradient_aware', "
                              f"not {self.supervised_loss!r}")
@@ -255,6 +259,9 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     def find_unlabeled_cases(self) -> ImageOnlyDataset:
         """imagesUnlabeled/ (preprocessed on first use, rank 0 first under DDP) plus this fold's
         split-marked unlabeled cases (images only, labels never opened); this rank's disjoint shard."""
+        if self.is_cascaded:
+            raise UnlabeledDataError(f"{type(self).__name__} does not support cascaded configurations "
+                                     f"({self.configuration_name}); train 3d_fullres, 3d_lowres or 2d.")
         raw = raw_dataset_folder(self.plans_manager.dataset_name)
         sources = []
         if raw is not None and (raw / UNLABELED_DIR).is_dir():
@@ -267,6 +274,13 @@ class nnUNetTrainerTAK(nnUNetTrainer):
             if self.is_ddp and self.local_rank == 0:
                 dist.barrier()
             sources.append((folder, cases))
+        else:  # nnUNet_raw not available here (e.g. only nnUNet_preprocessed copied to a cluster)
+            found = preprocessed_unlabeled_cases(self.preprocessed_dataset_folder_base, self.plans_manager.plans,
+                                                 self.configuration_name, self.dataset_json)
+            if found is not None:
+                self.print_to_log_file(f"TAK: nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_DIR} not found; "
+                                       f"using the preprocessed unlabeled cases in {found[0]}")
+                sources.append(found)
         split_cases = split_unlabeled_cases(os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
                                             self.fold)
         if split_cases:
@@ -319,6 +333,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         loader = nnUNetDataLoader(dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)
+        loader.has_ignore = False  # with an ignore label nnU-Net samples annotated voxels; here: random patches
         workers = get_allowed_n_proc_DA()
         if workers == 0:
             return SingleThreadedAugmenter(loader, None)
@@ -397,17 +412,20 @@ class nnUNetTrainerTAK(nnUNetTrainer):
             elif self.is_ddp:  # DDP needs every parameter in the graph
                 loss = loss + 0.0 * sum(p.sum() for p in network.contrast.parameters())
 
+        stepped = True
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            scale = self.grad_scaler.get_scale()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
+            stepped = self.grad_scaler.get_scale() >= scale  # the scale drops when the step was skipped (inf)
         else:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        if self.teacher is not None:
+        if self.teacher is not None and stepped:
             self.teacher.update(network)
 
         stats = pseudo_label_statistics(pseudo, num_classes, num_classes) if pseudo is not None \
@@ -490,11 +508,11 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        self._check_text(checkpoint, name)
         ssl = checkpoint.get(CHECKPOINT_KEY)
         if ssl is None:
             raise SSLSettingsError(f"{name} has no TAK semi-supervised state ({CHECKPOINT_KEY!r}); it was written by "
                                    f"{checkpoint.get('trainer_name')}. Resume with that trainer or start a new run.")
+        self._check_text(checkpoint, name)
         differing = {k: (v, ssl["settings"].get(k)) for k, v in self.ssl_settings().items()
                      if ssl["settings"].get(k) != v}
         if differing:

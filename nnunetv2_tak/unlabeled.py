@@ -136,13 +136,14 @@ def _preprocess_case(job: _Job) -> str:
             f"dataset has {expected_channels} ({job.dataset_json['channel_names']}). Store one channel per file.")
     data = np.ascontiguousarray(data, dtype=np.float32)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(configuration_manager.patch_size), data.itemsize)
-    tmp = job.output_truncated + ".tmp.b2nd"
+    tmp = f"{job.output_truncated}.{os.getpid()}.tmp.b2nd"  # per process: parallel folds may preprocess at once
     if os.path.exists(tmp):
         os.remove(tmp)
     blosc2.set_nthreads(1)
     blosc2.asarray(data, urlpath=tmp, chunks=chunks, blocks=blocks,
                    cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "nthreads": 1})
-    write_pickle(properties, job.output_truncated + ".pkl")
+    write_pickle(properties, f"{job.output_truncated}.{os.getpid()}.tmp.pkl")
+    os.replace(f"{job.output_truncated}.{os.getpid()}.tmp.pkl", job.output_truncated + ".pkl")
     os.replace(tmp, job.output_truncated + ".b2nd")
     return job.case
 
@@ -180,9 +181,8 @@ def preprocess_unlabeled(raw_dataset_folder: str | os.PathLike, preprocessed_dat
     """
     log = log or logger.info
     cases = find_unlabeled_images(raw_dataset_folder, dataset_json)
-    data_identifier = plans["configurations"][configuration]["data_identifier"]
-    folder = unlabeled_folder(preprocessed_dataset_folder_base, data_identifier)
-    fingerprint = plans_fingerprint(plans, plans["configurations"][configuration], dataset_json)
+    folder, fingerprint = _folder_and_fingerprint(preprocessed_dataset_folder_base, plans, configuration, dataset_json)
+    data_identifier = folder.name[:-len("_unlabeled")]
     manifest = _read_manifest(folder)
     if manifest is not None and manifest["plans_fingerprint"] != fingerprint:
         if not replace_stale:
@@ -217,6 +217,30 @@ def preprocess_unlabeled(raw_dataset_folder: str | os.PathLike, preprocessed_dat
     return folder, sorted(cases)
 
 
+def _folder_and_fingerprint(preprocessed_dataset_folder_base: str | os.PathLike, plans: Mapping, configuration: str,
+                            dataset_json: Mapping) -> tuple[Path, str]:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    resolved = PlansManager(dict(plans)).get_configuration(configuration).configuration  # follows inherits_from
+    return (unlabeled_folder(preprocessed_dataset_folder_base, resolved["data_identifier"]),
+            plans_fingerprint(plans, resolved, dataset_json))
+
+
+def preprocessed_unlabeled_cases(preprocessed_dataset_folder_base: str | os.PathLike, plans: Mapping,
+                                 configuration: str, dataset_json: Mapping) -> tuple[Path, list[str]] | None:
+    """(folder, case ids) of an up-to-date unlabeled preprocessing when the raw images are not at hand;
+    None when there is none; an error when it is stale."""
+    folder, fingerprint = _folder_and_fingerprint(preprocessed_dataset_folder_base, plans, configuration,
+                                                  dataset_json)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        return None
+    if manifest["plans_fingerprint"] != fingerprint:
+        raise UnlabeledDataError(f"the unlabeled preprocessing in {folder} was made with other plans and the raw "
+                                 f"images ({UNLABELED_DIR}/) are not available to redo it; set nnUNet_raw.")
+    return folder, sorted(manifest["cases"])
+
+
 def _run_jobs(jobs: list[_Job], num_processes: int, progress: bool) -> Iterable[str]:
     from tqdm import tqdm
 
@@ -239,12 +263,18 @@ def _run_jobs(jobs: list[_Job], num_processes: int, progress: bool) -> Iterable[
 def split_unlabeled_cases(splits_file: str | os.PathLike, fold: int | str) -> list[str]:
     """The ``"unlabeled"`` case ids of fold ``fold`` in splits_final.json ([] when absent or fold 'all')."""
     path = Path(splits_file)
-    if fold == "all" or not path.is_file():
+    if not path.is_file():
         return []
     splits = json.loads(path.read_text())
-    if not isinstance(fold, int) or fold >= len(splits):
-        return []
-    return list(splits[fold].get(SPLIT_KEY, []))
+    marked = any(SPLIT_KEY in entry for entry in splits)
+    if isinstance(fold, int) and fold < len(splits):
+        return list(splits[fold].get(SPLIT_KEY, []))
+    if marked:  # nnU-Net would train on every case, labels of the 'unlabeled' ones included
+        raise UnlabeledDataError(
+            f"{path} marks cases as unlabeled, but fold {fold!r} is not one of its {len(splits)} fold(s): nnU-Net "
+            "would train on all cases with their labels. Train one of the split's folds, or make more folds with "
+            "nnUNetv2_tak_make_splits --folds N.")
+    return []
 
 
 def shard_for_rank(identifiers: list[str], rank: int, world_size: int) -> list[str]:
@@ -322,6 +352,7 @@ __all__ = [
     "find_unlabeled_images",
     "plans_fingerprint",
     "preprocess_unlabeled",
+    "preprocessed_unlabeled_cases",
     "shard_for_rank",
     "split_unlabeled_cases",
     "unlabeled_folder",

@@ -26,7 +26,7 @@ from nnunetv2_tak.teacher import (
     pseudo_labels,
     sigmoid_rampup,
 )
-from nnunetv2_tak.unlabeled import UnlabeledDataError, shard_for_rank
+from nnunetv2_tak.unlabeled import UnlabeledDataError, shard_for_rank, split_unlabeled_cases
 
 
 # --- EMA ----------------------------------------------------------------------------------------
@@ -191,10 +191,10 @@ def test_gradient_aware_ce_starts_as_ce_and_then_boosts_the_rare_class():
     r, q = ga.class_weights()
     assert q[1] < q[0] and r[1] > r[0]  # its negatives damped, its positives boosted
     logits.grad = None
-    ga(logits, target).backward()
+    (ga(logits, target) + logits.sum()).backward()  # another term on the same logits (Dice in nnU-Net)
     rare = target[:, 0] == 1
-    ratio = logits.grad[:, 1][rare] / ref.grad[:, 1][rare]
-    torch.testing.assert_close(ratio, torch.full_like(ratio, float(r[1])))
+    ratio = (logits.grad - 1.0)[:, 1][rare] / ref.grad[:, 1][rare]  # only the CE part is re-weighted
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(r[1])), rtol=1e-3, atol=0)
 
 
 # --- DDP shards, few-label splits ----------------------------------------------------------------
@@ -216,7 +216,21 @@ def test_few_label_split_is_seeded_disjoint_and_complete():
     assert sorted(a["train"] + a["val"] + a["unlabeled"]) == cases
     b = few_label_split(cases, labeled=["case_001", "case_002"], val=["case_003"])
     assert b["train"] == ["case_001", "case_002"] and b["val"] == ["case_003"] and len(b["unlabeled"]) == 37
+    for seed in range(20):  # random validation cases never collide with the requested labeled ones
+        c = few_label_split(cases, labeled=cases[:4], num_val=3, seed=seed)
+        assert c["train"] == cases[:4] and not set(c["val"]) & set(cases[:4])
     with pytest.raises(SplitError, match="not training cases"):
         few_label_split(cases, labeled=["nope"])
     with pytest.raises(SplitError, match="both labeled and validation"):
         few_label_split(cases, labeled=["case_001"], val=["case_001"])
+
+
+def test_fold_outside_a_split_with_unlabeled_cases_is_refused(tmp_path):
+    splits = tmp_path / "splits_final.json"
+    splits.write_text('[{"train": ["a"], "val": ["b"], "unlabeled": ["c", "d"]}]')
+    assert split_unlabeled_cases(splits, 0) == ["c", "d"]
+    for fold in ("all", 3):  # nnU-Net would train on c and d with their labels
+        with pytest.raises(UnlabeledDataError, match="marks cases as unlabeled"):
+            split_unlabeled_cases(splits, fold)
+    splits.write_text('[{"train": ["a"], "val": ["b"]}]')
+    assert split_unlabeled_cases(splits, "all") == []
