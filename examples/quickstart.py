@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = sorted(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
     dataset = existing[0] if existing else generate_dataset(
         raw, DATASET_ID, "TAKQuickstart", num_training=12, num_test=4, num_unlabeled=8,
-        spec=CohortSpec(shape=(32, 64, 64), spacing=(7.5, 4.5, 4.5)), seed=0)
+        spec=CohortSpec(shape=(24, 48, 48), spacing=(10.0, 6.0, 6.0)), seed=0)
     preprocessed = work / "nnUNet_preprocessed" / dataset.name
     if not (preprocessed / "nnUNetPlans_3d_fullres").is_dir():
         run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2")
