@@ -22,7 +22,7 @@ from nnunetv2_tak.trainers import (
     SSLSettingsError,
     nnUNetTrainerTAK_RandomText_Debug,
 )
-from nnunetv2_tak.unlabeled import UnlabeledDataError
+from nnunetv2_tak.unlabeled import UnlabeledDataError, preprocess_unlabeled
 
 
 class ResumeTrainer(nnUNetTrainerTAK_RandomText_Debug):
@@ -76,13 +76,29 @@ class NoUnlabeledAnywhere(nnUNetTrainerTAK_RandomText_Debug):
     pass
 
 
-def test_missing_unlabeled_data_is_a_clear_error(nnunet_env, monkeypatch, tmp_path):
-    raw = tmp_path / "raw"
+def test_missing_unlabeled_data_is_a_clear_error_and_preprocessed_data_serves_without_raw(nnunet_env, monkeypatch,
+                                                                                         tmp_path):
+    dataset_json = nnunet_env.dataset_json()
+    plans = json.loads((nnunet_env.preprocessed / "nnUNetPlans.json").read_text())
+    folder, cases = preprocess_unlabeled(nnunet_env.raw, nnunet_env.preprocessed, plans, "3d_fullres", dataset_json,
+                                         progress=False)
+    raw = tmp_path / "raw"  # nnUNet_raw without imagesUnlabeled/
     shutil.copytree(nnunet_env.raw, raw / nnunet_env.name, ignore=shutil.ignore_patterns("imagesUnlabeled"))
     monkeypatch.setenv("nnUNet_raw", str(raw))
-    trainer = new_trainer(NoUnlabeledAnywhere, nnunet_env)
-    with pytest.raises(UnlabeledDataError, match=r"has none.*imagesUnlabeled.*nnUNetTrainerTAK_NoUnlabeled"):
-        trainer.on_train_start()
+
+    aside = tmp_path / "aside"
+    shutil.move(folder, aside)
+    try:
+        trainer = new_trainer(NoUnlabeledAnywhere, nnunet_env)
+        with pytest.raises(UnlabeledDataError, match=r"has none.*imagesUnlabeled.*nnUNetTrainerTAK_NoUnlabeled"):
+            trainer.on_train_start()
+    finally:
+        shutil.move(aside, folder)
+
+    trainer = new_trainer(NoUnlabeledAnywhere, nnunet_env)  # e.g. only nnUNet_preprocessed copied to a cluster
+    trainer.initialize()
+    assert trainer.find_unlabeled_cases().identifiers == cases
+    assert "not found; using the preprocessed unlabeled cases" in Path(trainer.log_file).read_text()
 
 
 class NoTextDebug(nnUNetTrainerTAK_RandomText_Debug):
