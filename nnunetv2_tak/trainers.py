@@ -283,12 +283,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
                 sources.append(found)
         split_cases = split_unlabeled_cases(os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
                                             self.fold)
-        if split_cases:
-            tr_keys, val_keys = self.do_split()
-            leaked = sorted(set(split_cases) & (set(tr_keys) | set(val_keys)))
-            if leaked:
-                raise UnlabeledDataError(f"splits_final.json fold {self.fold} lists {leaked[:5]} both as unlabeled "
-                                         "and as train/val; fix the split (nnUNetv2_tak_make_splits)")
+        if split_cases:  # checked against the fold's train/val cases by split_unlabeled_cases
             sources.append((self.preprocessed_dataset_folder, split_cases))
         dataset = ImageOnlyDataset.from_folders(sources)
         if len(dataset) == 0:

@@ -261,14 +261,21 @@ def _run_jobs(jobs: list[_Job], num_processes: int, progress: bool) -> Iterable[
 
 # --- splits -------------------------------------------------------------------------------------
 def split_unlabeled_cases(splits_file: str | os.PathLike, fold: int | str) -> list[str]:
-    """The ``"unlabeled"`` case ids of fold ``fold`` in splits_final.json ([] when absent or fold 'all')."""
+    """The ``"unlabeled"`` case ids of fold ``fold`` in splits_final.json ([] when absent or fold 'all');
+    an error when they overlap the fold's train or val cases."""
     path = Path(splits_file)
     if not path.is_file():
         return []
     splits = json.loads(path.read_text())
     marked = any(SPLIT_KEY in entry for entry in splits)
     if isinstance(fold, int) and fold < len(splits):
-        return list(splits[fold].get(SPLIT_KEY, []))
+        entry = splits[fold]
+        unlabeled = list(entry.get(SPLIT_KEY, []))
+        leaked = sorted(set(unlabeled) & (set(entry.get("train", [])) | set(entry.get("val", []))))
+        if leaked:
+            raise UnlabeledDataError(f"{path} fold {fold} lists {leaked[:5]} both as unlabeled and as train/val; "
+                                     "fix the split (nnUNetv2_tak_make_splits)")
+        return unlabeled
     if marked:  # nnU-Net would train on every case, labels of the 'unlabeled' ones included
         raise UnlabeledDataError(
             f"{path} marks cases as unlabeled, but fold {fold!r} is not one of its {len(splits)} fold(s): nnU-Net "

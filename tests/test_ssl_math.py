@@ -234,3 +234,6 @@ def test_fold_outside_a_split_with_unlabeled_cases_is_refused(tmp_path):
             split_unlabeled_cases(splits, fold)
     splits.write_text('[{"train": ["a"], "val": ["b"]}]')
     assert split_unlabeled_cases(splits, "all") == []
+    splits.write_text('[{"train": ["a"], "val": ["b"], "unlabeled": ["b", "c"]}]')
+    with pytest.raises(UnlabeledDataError, match=r"lists \['b'\] both as unlabeled and as train/val"):
+        split_unlabeled_cases(splits, 0)
