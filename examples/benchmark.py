@@ -129,6 +129,17 @@ def evaluate(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: fl
                     for name, v in vals.items()} for k, vals in per_label.items()}
 
 
+def training_stats(fold_dir: Path) -> dict[str, float]:
+    """From nnU-Net's log in checkpoint_final.pth: median epoch seconds and, for TAK, the final
+    confident pseudo-label fraction of the unlabeled voxels (NaN where not logged)."""
+    import torch
+
+    log = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    epoch_s = np.subtract(log["epoch_end_timestamps"], log["epoch_start_timestamps"])
+    coverage = log.get("tak_pl_coverage") or [float("nan")]
+    return {"epochs": len(epoch_s), "epoch_s": float(np.median(epoch_s)), "pl_coverage": float(coverage[-1])}
+
+
 def organ_groups(gt_dir: Path, labels: dict[int, str], threshold_ml: float) -> tuple[list[int], list[int]]:
     """(large, small) labels by median volume in the test labels."""
     import SimpleITK as sitk
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsd-mm", type=float, default=6.0, help="NSD tolerance in mm (default: one in-plane voxel "
                                                               "of the CPU profile)")
     p.add_argument("--small-ml", type=float, default=100.0, help="organs with median volume below are 'small'")
+    p.add_argument("--reuse", action="store_true", help="reuse trainings that already have checkpoint_final.pth "
+                                                          "in --work-dir (only after a run with the same settings)")
     p.add_argument("--text-embeddings", default=os.environ.get("TAK_TEXT_EMBEDDINGS", str(DEFAULT_EMBEDDINGS)))
     args = p.parse_args(argv)
 
@@ -177,14 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     write_splits(pre, pool, args)
     large, small = organ_groups(dataset / "labelsTs", labels, args.small_ml)
 
-    rows = []
+    rows, costs = [], []
     for seed in args.seeds:
         for method in args.methods:
             trainer, kind = METHODS[method]
             fold = 2 * seed + (1 if kind == "reference" else 0)
             tag = f"{method}_seed{seed}"
-            train_s = run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", trainer, "-device",
-                          "cpu", log=work / "logs" / f"train_{tag}.txt")
+            output = work / "nnUNet_results" / dataset.name / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+            if args.reuse and (output / "checkpoint_final.pth").is_file():
+                print(f"{tag}: reusing the finished training in {output}", flush=True)
+                train_s = float("nan")
+            else:
+                train_s = run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", trainer, "-device",
+                              "cpu", log=work / "logs" / f"train_{tag}.txt")
             pred = work / "predictions" / tag
             predict_s = run("nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d",
                             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", trainer, "-chk",
@@ -193,22 +211,26 @@ def main(argv: list[str] | None = None) -> int:
             scores = evaluate(pred, dataset / "labelsTs", labels, args.nsd_mm)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
+            costs.append({"method": method, "seed": seed, "train_min": train_s / 60, "predict_s": predict_s,
+                          **training_stats(output)})
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
                   f"{np.nanmean([s['dice'] for s in scores.values()]):.3f}", flush=True)
-            write_report(work, rows, labels, large, small, args)
+            write_report(work, rows, costs, labels, large, small, args)
     print(f"\ntotal wall time {(time.time() - started) / 60:.1f} min; report in {work / 'report'}")
     return 0
 
 
-def write_report(work: Path, rows: list[dict], labels: dict[int, str], large: list[int], small: list[int],
-                 args: argparse.Namespace) -> None:
-    """CSV of every (method, seed, organ); Markdown table of per-organ means (spread over seeds); plot."""
+def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[int, str], large: list[int],
+                 small: list[int], args: argparse.Namespace) -> None:
+    """CSV of every (method, seed, organ) and of the costs; Markdown table of per-organ means (spread over
+    seeds) and of the cost ratios to the stock trainer; plot."""
     out = work / "report"
     out.mkdir(exist_ok=True)
-    with open(out / "per_class.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    for name, table in (("per_class.csv", rows), ("cost.csv", costs)):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
     def cell(method: str, group: list[int], metric: str) -> str:
@@ -217,9 +239,12 @@ def write_report(work: Path, rows: list[dict], labels: dict[int, str], large: li
             values = [r[metric] for r in rows if r["method"] == method and r["seed"] == seed and r["label"] in group]
             with np.errstate(all="ignore"):
                 per_seed.append(float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"))
-        mean = float(np.nanmean(per_seed)) if np.isfinite(per_seed).any() else float("nan")
-        spread = f" ± {np.nanstd(per_seed):.3f}" if len(per_seed) > 1 else ""
-        return f"{mean:.3f}{spread}" if metric != "hd95" else f"{mean:.1f}{spread}"
+        finite = [v for v in per_seed if np.isfinite(v)]
+        if not finite:
+            return "nan"
+        digits = 1 if metric == "hd95" else 3
+        spread = f" ± {np.std(finite):.{digits}f}" if len(finite) > 1 else ""
+        return f"{np.mean(finite):.{digits}f}{spread}"
 
     lines = [f"Seeds {args.seeds}; test set {args.test} scans; NSD tolerance {args.nsd_mm} mm; small organs "
              f"(median volume < {args.small_ml} ml): {', '.join(labels[k] for k in small)}.", ""]
@@ -231,9 +256,30 @@ def write_report(work: Path, rows: list[dict], labels: dict[int, str], large: li
         for group, gname in ((list(labels), "**mean**"), (large, "**large organs**"), (small, "**small organs**")):
             lines.append(f"| {gname} | " + " | ".join(cell(m, group, metric) for m in methods) + " |")
         lines.append("")
+    lines += cost_table(costs)
     (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines[:len(labels) + 9]))
+    print("\n".join(lines[:len(labels) + 9] + cost_table(costs)))
     _plot(out, rows, labels, methods)
+
+
+def cost_table(costs: list[dict]) -> list[str]:
+    """Markdown lines: per method the median epoch time, prediction wall time of the test set, and their
+    ratios to the stock trainer's (same plans, same iterations, one machine, one run)."""
+    def median(method: str, key: str) -> float:
+        values = [c[key] for c in costs if c["method"] == method]
+        return float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
+
+    methods = list(dict.fromkeys(c["method"] for c in costs))
+    base = "stock" if "stock" in methods else methods[0]
+    lines = [f"### Cost (median over seeds; ratios to {base})", "",
+             "| method | s / epoch | x | predict test set [s] | x | confident pseudo-labels (last epoch) |",
+             "|---|---|---|---|---|---|"]
+    for m in methods:
+        epoch_s, predict_s, coverage = median(m, "epoch_s"), median(m, "predict_s"), median(m, "pl_coverage")
+        lines.append(f"| {m} | {epoch_s:.1f} | {epoch_s / median(base, 'epoch_s'):.2f} | {predict_s:.1f} | "
+                     f"{predict_s / median(base, 'predict_s'):.2f} | "
+                     f"{'-' if np.isnan(coverage) else f'{coverage:.1%}'} |")
+    return [*lines, ""]
 
 
 def _plot(out: Path, rows: list[dict], labels: dict[int, str], methods: list[str]) -> None:

@@ -1,0 +1,105 @@
+"""The evidence benchmark's own helpers (examples/benchmark.py): splits, organ groups, evaluation on
+files, and the report tables. The training runs themselves are the stock CLI (tested elsewhere)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("tak_benchmark_example", EXAMPLES / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_labels(path: Path, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> None:
+    img = sitk.GetImageFromArray(labels.astype(np.uint8))
+    img.SetSpacing(tuple(reversed(spacing_zyx)))
+    sitk.WriteImage(img, str(path))
+
+
+def test_splits_few_label_and_reference_share_validation(bench, tmp_path):
+    pool = [f"case_{i:03d}" for i in range(10)]
+    bench.write_splits(tmp_path, pool, argparse.Namespace(seeds=[0, 1], labeled=3, val=2))
+    splits = json.loads((tmp_path / "splits_final.json").read_text())
+    assert len(splits) == 4  # per seed: few-label fold 2s, reference fold 2s+1
+    for seed in (0, 1):
+        few, reference = splits[2 * seed], splits[2 * seed + 1]
+        assert len(few["train"]) == 3 and len(few["val"]) == 2 and len(few["unlabeled"]) == 5
+        assert not (set(few["train"]) & set(few["val"]) or set(few["unlabeled"]) & set(few["train"] + few["val"]))
+        assert set(few["train"] + few["val"] + few["unlabeled"]) == set(pool)
+        assert reference["val"] == few["val"]
+        assert sorted(reference["train"]) == sorted(few["train"] + few["unlabeled"])
+        assert "unlabeled" not in reference
+    assert splits[0]["train"] != splits[2]["train"]  # seeds draw different labeled cases
+
+
+def test_organ_groups_by_median_test_volume(bench, tmp_path):
+    # spacing 10 x 10 x 10 mm: one voxel is 1 ml
+    for i, (big, tiny) in enumerate(((200, 5), (150, 0), (300, 9))):
+        labels = np.zeros(1000, np.uint8)
+        labels[:big] = 1
+        labels[big:big + tiny] = 2
+        _write_labels(tmp_path / f"case_{i}.nii.gz", labels.reshape(10, 10, 10), (10.0, 10.0, 10.0))
+    large, small = bench.organ_groups(tmp_path, {1: "liver", 2: "adrenal", 3: "absent"}, threshold_ml=100.0)
+    assert large == [1]
+    assert small == [2, 3]  # median of the cases containing it (7 ml); never present counts as small
+
+
+def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    gt = np.zeros((4, 8, 8), np.uint8)
+    gt[1:3, 2:6, 2:6] = 1  # 32 voxels
+    pred = np.zeros_like(gt)
+    pred[1:3, 2:6, 2:4] = 1  # half of it
+    _write_labels(gt_dir / "a.nii.gz", gt, (5.0, 1.0, 1.0))
+    _write_labels(pred_dir / "a.nii.gz", pred, (5.0, 1.0, 1.0))
+    scores = bench.evaluate(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0)
+    assert scores[1]["dice"] == pytest.approx(2 * 16 / (32 + 16))
+    assert scores[1]["hd95"] == pytest.approx(2.0)  # the missed half lies up to 2 mm in x from the prediction
+    assert np.isnan(scores[2]["dice"])  # absent from both: not counted
+
+
+def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
+    labels = {1: "liver", 2: "adrenal"}
+    rows = []
+    for seed, (liver, adrenal) in enumerate(((0.9, 0.1), (0.7, 0.3))):
+        rows += [{"method": "stock", "seed": seed, "label": 1, "organ": "liver", "dice": liver, "nsd": liver,
+                  "hd95": 10.0},
+                 {"method": "stock", "seed": seed, "label": 2, "organ": "adrenal", "dice": adrenal, "nsd": adrenal,
+                  "hd95": 20.0},
+                 {"method": "tak", "seed": seed, "label": 1, "organ": "liver", "dice": liver, "nsd": liver,
+                  "hd95": 10.0},
+                 {"method": "tak", "seed": seed, "label": 2, "organ": "adrenal", "dice": float("nan"),
+                  "nsd": float("nan"), "hd95": float("nan")}]
+    costs = [{"method": "stock", "seed": s, "train_min": 1.0, "predict_s": 10.0, "epochs": 2, "epoch_s": 4.0,
+              "pl_coverage": float("nan")} for s in (0, 1)]
+    costs += [{"method": "tak", "seed": s, "train_min": 2.0, "predict_s": 12.0, "epochs": 2, "epoch_s": 10.0,
+               "pl_coverage": 0.5} for s in (0, 1)]
+    args = argparse.Namespace(seeds=[0, 1], test=3, nsd_mm=2.0, small_ml=100.0)
+    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args)
+
+    report = (tmp_path / "report" / "results.md").read_text().splitlines()
+    dice = report[report.index("### Dice"):]
+    assert "| liver | 0.800 ± 0.100 | 0.800 ± 0.100 |" in dice
+    assert "| adrenal | 0.200 ± 0.100 | nan |" in dice
+    assert "| **mean** | 0.500 ± 0.000 | 0.800 ± 0.100 |" in dice  # per-seed means, then over seeds
+    assert "| **small organs** | 0.200 ± 0.100 | nan |" in dice
+    assert "| tak | 10.0 | 2.50 | 12.0 | 1.20 | 50.0% |" in report
+    assert "| stock | 4.0 | 1.00 | 10.0 | 1.00 | - |" in report
+    assert len((tmp_path / "report" / "per_class.csv").read_text().splitlines()) == 1 + len(rows)
+    assert len((tmp_path / "report" / "cost.csv").read_text().splitlines()) == 1 + len(costs)
+    assert (tmp_path / "report" / "dice_per_class.png").stat().st_size > 0
