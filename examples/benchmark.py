@@ -1,6 +1,6 @@
 """Evidence benchmark: few labels + unlabeled scans, stock nnU-Net vs TAK and its ablations, one command.
 
-    python examples/benchmark.py                                   # CPU profile, seed 0
+    python examples/benchmark.py                                   # CPU profile, seed 0, 5 methods
     python examples/benchmark.py --seeds 0 1 2 --methods stock tak tak_notext
 
 Protocol (all through the stock nnU-Net commands):
@@ -17,6 +17,12 @@ Protocol (all through the stock nnU-Net commands):
      ``--nsd-mm`` and HD95 in mm;
   6. print and save per-class tables (CSV and Markdown), means over all organs and over the large
      and small organs (by median volume in the test labels), and a bar plot per class and method.
+
+Profiles: "cpu" (default; about 80 minutes on 2 CPU cores for the five default methods and one seed):
+a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
+iterations; "gpu": a 96x192x192 cohort at 2.5x1.5x1.5 mm with the network nnU-Net plans, 400 x 25
+iterations on CUDA (not run by the authors yet). Every method trains with the schedule of
+``nnunetv2_tak.benchmark_trainers`` (AdamW 3e-3 with poly decay, intensity augmentation only).
 
 Text: "tak" uses the real CLIP text embeddings of ``--text-embeddings`` (16 AMOS classes, imported
 with ``nnUNetv2_tak_encode_prompts --embeddings``); "tak_randomtext" seeded random text;
@@ -44,17 +50,19 @@ DEFAULT_EMBEDDINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "
 
 # method -> (trainer, split kind)
 METHODS = {
-    "reference": ("nnUNetTrainer_BenchCPU", "reference"),  # all pool labels: the upper bound
-    "stock": ("nnUNetTrainer_BenchCPU", "few"),  # labeled cases only
-    "tak": ("nnUNetTrainerTAK_BenchCPU", "few"),
-    "tak_notext": ("nnUNetTrainerTAK_NoText_BenchCPU", "few"),
-    "tak_randomtext": ("nnUNetTrainerTAK_RandomText_BenchCPU", "few"),
-    "tak_nocontrastive": ("nnUNetTrainerTAK_NoContrastive_BenchCPU", "few"),
-    "tak_nounlabeled": ("nnUNetTrainerTAK_NoUnlabeled_BenchCPU", "few"),
+    "reference": ("nnUNetTrainer_Bench", "reference"),  # all pool labels: the upper bound
+    "stock": ("nnUNetTrainer_Bench", "few"),  # labeled cases only
+    "tak": ("nnUNetTrainerTAK_Bench", "few"),
+    "tak_notext": ("nnUNetTrainerTAK_NoText_Bench", "few"),
+    "tak_randomtext": ("nnUNetTrainerTAK_RandomText_Bench", "few"),
+    "tak_nocontrastive": ("nnUNetTrainerTAK_NoContrastive_Bench", "few"),
+    "tak_nounlabeled": ("nnUNetTrainerTAK_NoUnlabeled_Bench", "few"),
 }
-PROFILES = {  # cohort shape/spacing, network width, batch
-    "cpu": {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0), "features": (8, 64), "batch": 2},
-    "gpu": {"shape": (96, 192, 192), "spacing": (2.5, 1.5, 1.5), "features": None, "batch": None},
+PROFILES = {  # cohort shape/spacing, network width (None: as planned), batch, epochs of 25 iterations, device
+    "cpu": {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0), "features": (8, 64), "batch": 2, "epochs": 40,
+            "device": "cpu"},
+    "gpu": {"shape": (96, 192, 192), "spacing": (2.5, 1.5, 1.5), "features": None, "batch": None, "epochs": 400,
+            "device": "cuda"},
 }
 
 
@@ -86,7 +94,7 @@ def prepare(work: Path, args: argparse.Namespace) -> Path:
         if profile["features"]:
             shrink_plans_file(pre / "nnUNetPlans.json", "3d_fullres", base_features=profile["features"][0],
                               max_features=profile["features"][1], batch_size=profile["batch"])
-    if any(METHODS[m][0].startswith("nnUNetTrainerTAK_BenchCPU") for m in args.methods):
+    if any(METHODS[m][0].startswith("nnUNetTrainerTAK_Bench") for m in args.methods):
         if not Path(args.text_embeddings).is_file():
             raise SystemExit(f"method 'tak' needs real text embeddings; {args.text_embeddings} does not exist "
                              "(pass --text-embeddings FILE or leave 'tak' out of --methods)")
@@ -179,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
-    if args.epochs:
-        os.environ["TAK_BENCH_EPOCHS"] = str(args.epochs)
+    profile = PROFILES[args.profile]
+    os.environ["TAK_BENCH_EPOCHS"] = str(args.epochs or profile["epochs"])
     started = time.time()
     dataset = prepare(work, args)
     pre = work / "nnUNet_preprocessed" / dataset.name
@@ -202,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
                 train_s = float("nan")
             else:
                 train_s = run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(fold), "-tr", trainer, "-device",
-                              "cpu", log=work / "logs" / f"train_{tag}.txt")
+                              profile["device"], log=work / "logs" / f"train_{tag}.txt")
             pred = work / "predictions" / tag
             predict_s = run("nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d",
                             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", trainer, "-chk",
-                            "checkpoint_final.pth", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1",
-                            log=work / "logs" / f"predict_{tag}.txt")
+                            "checkpoint_final.pth", "-device", profile["device"], "--disable_tta", "-npp", "1",
+                            "-nps", "1",                            log=work / "logs" / f"predict_{tag}.txt")
             scores = evaluate(pred, dataset / "labelsTs", labels, args.nsd_mm)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
