@@ -18,7 +18,7 @@ Protocol (all through the stock nnU-Net commands):
   6. print and save per-class tables (CSV and Markdown), means over all organs and over the large
      and small organs (by median volume in the test labels), and a bar plot per class and method.
 
-Profiles: "cpu" (default; about 80 minutes on 2 CPU cores for the five default methods and one seed):
+Profiles: "cpu" (default; about 87 minutes on 2 CPU cores for the five default methods and one seed):
 a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
 iterations; "gpu": a 96x192x192 cohort at 2.5x1.5x1.5 mm with the network nnU-Net plans, 400 x 25
 iterations on CUDA (not run by the authors yet). Every method trains with the schedule of
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
     profile = PROFILES[args.profile]
     os.environ["TAK_BENCH_EPOCHS"] = str(args.epochs or profile["epochs"])
+    from nnunetv2.utilities.file_path_utilities import get_output_folder  # reads nnUNet_results at import
+
     started = time.time()
     dataset = prepare(work, args)
     pre = work / "nnUNet_preprocessed" / dataset.name
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer, kind = METHODS[method]
             fold = 2 * seed + (1 if kind == "reference" else 0)
             tag = f"{method}_seed{seed}"
-            output = work / "nnUNet_results" / dataset.name / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+            output = Path(get_output_folder(DATASET_ID, trainer, "nnUNetPlans", "3d_fullres", fold))
             if args.reuse and (output / "checkpoint_final.pth").is_file():
                 print(f"{tag}: reusing the finished training in {output}", flush=True)
                 train_s = float("nan")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             predict_s = run("nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d",
                             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", trainer, "-chk",
                             "checkpoint_final.pth", "-device", profile["device"], "--disable_tta", "-npp", "1",
-                            "-nps", "1",                            log=work / "logs" / f"predict_{tag}.txt")
+                            "-nps", "1", log=work / "logs" / f"predict_{tag}.txt")
             scores = evaluate(pred, dataset / "labelsTs", labels, args.nsd_mm)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})

@@ -41,7 +41,7 @@ __all__ = [
 
 
 class BenchSchedule:
-    """Mixin: the benchmark's CPU schedule (epochs x iterations, AdamW + poly decay, intensity-only
+    """Mixin: the benchmark's schedule (epochs x iterations, AdamW + poly decay, intensity-only
     augmentation)."""
 
     bench_epochs: ClassVar[int] = 40
