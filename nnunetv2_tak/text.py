@@ -27,6 +27,8 @@ CACHE_FILENAME = "tak_text_embeddings.pt"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 RANDOM_WEIGHTS = "random-init"  # --pretrained value for an open_clip model with random weights (tests)
+HF_HUB_PREFIX = "hf-hub:"  # open_clip model names that bring their own config and weights
+LOCAL_DIR_PREFIX = "local-dir:"
 
 
 class TextEmbeddingError(RuntimeError):
@@ -45,7 +47,7 @@ class TextEmbeddings:
     def describe(self) -> str:
         p = self.provenance
         if p.get("source") == "open_clip":
-            what = f"open_clip {p.get('model')} / {p.get('pretrained')}"
+            what = f"open_clip {p.get('model')} / {p.get('pretrained') or 'weights of the model itself'}"
             if p.get("pretrained") == RANDOM_WEIGHTS:
                 what += " (RANDOM encoder weights: no textual knowledge)"
         elif p.get("source") == "file":
@@ -73,36 +75,117 @@ def _file_fingerprint(path: str) -> dict:
     return {"size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+def model_schema(model_name: str) -> str | None:
+    """``"hf-hub"`` or ``"local-dir"`` for open_clip models that bring their own config and weights
+    (``hf-hub:org/repo``, ``local-dir:/path``); None for built-in names such as ``ViT-B-32``."""
+    for prefix in (HF_HUB_PREFIX, LOCAL_DIR_PREFIX):
+        if model_name.startswith(prefix):
+            if not model_name[len(prefix):].strip():
+                example = "org/repo" if prefix == HF_HUB_PREFIX else "/path/to/model_folder"
+                raise TextEmbeddingError(f"model '{model_name}' names nothing after '{prefix}'; use {prefix}{example}")
+            return prefix[:-1]
+    return None
+
+
+def normalize_model_name(model_name: str) -> str:
+    """``local-dir:`` with an absolute path (the cache records where the model came from); others unchanged."""
+    if model_schema(model_name) == "local-dir":
+        return LOCAL_DIR_PREFIX + str(Path(model_name[len(LOCAL_DIR_PREFIX):]).expanduser().resolve())
+    return model_name
+
+
+def _model_files(folder: Path) -> dict[str, dict]:
+    """Fingerprint (size, mtime) of every file of a local-dir model folder."""
+    return {f.name: _file_fingerprint(str(f)) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _check_local_dir(folder: Path, random_init: bool) -> None:
+    """A local-dir model folder must hold open_clip_config.json (with 'model_cfg') and, unless random
+    weights are asked for, a weights file: open_clip would otherwise build the model with random weights."""
+    layout = ("it must hold open_clip_config.json (with a 'model_cfg' entry, as written by open_clip's "
+              "push_to_hf_hub) and the weights (open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+    if not folder.is_dir():
+        raise TextEmbeddingError(f"local-dir model folder {folder} does not exist; {layout}")
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        raise TextEmbeddingError(f"local-dir model folder {folder} has no open_clip_config.json; {layout}")
+    try:
+        has_cfg = "model_cfg" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise TextEmbeddingError(f"{config} is not valid JSON ({e}); {layout}") from e
+    if not has_cfg:
+        raise TextEmbeddingError(f"{config} has no 'model_cfg' entry; {layout}")
+    weights = [f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth")]
+    if not weights and not random_init:
+        raise TextEmbeddingError(f"local-dir model folder {folder} holds no weights file (*.safetensors, *.bin, "
+                                 f"*.pth); {layout}")
+
+
+def _hf_hub_revision(repo_id: str) -> str | None:
+    """Commit of the cached hf-hub snapshot that was loaded (None if it cannot be told)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "open_clip_config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def encode_prompts(
     prompts: ResolvedPrompts,
     model_name: str = DEFAULT_MODEL,
-    pretrained: str = DEFAULT_PRETRAINED,
+    pretrained: str | None = DEFAULT_PRETRAINED,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
 ) -> TextEmbeddings:
     """Encode every sentence with open_clip's text tower; sentences of one kind are averaged.
 
-    ``pretrained``: an open_clip tag (downloads once when online), a local checkpoint path, or
-    ``random-init`` for random weights (explicit; used by tests). Returns E [C, K, D].
+    ``model_name``: a built-in open_clip model (``ViT-B-32``), or a model that brings its own config and
+    weights: ``hf-hub:org/repo`` (Hugging Face Hub, e.g. BiomedCLIP; downloads once when online, then
+    read from the Hugging Face cache) or ``local-dir:/path`` (a folder with open_clip_config.json and
+    the weights). ``pretrained``: for built-in models an open_clip tag (downloads once when online) or a
+    local checkpoint path (None: ``openai``); for hf-hub/local-dir models the weights come with the model,
+    so only None, the default tag or ``random-init`` are accepted. ``random-init`` gives random weights
+    (explicit; used by tests). Returns E [C, K, D].
     """
     import open_clip
 
     random_init = pretrained == RANDOM_WEIGHTS
+    schema = model_schema(model_name)
+    model_name = normalize_model_name(model_name)
+    if schema is not None:
+        if pretrained not in (None, DEFAULT_PRETRAINED, RANDOM_WEIGHTS):
+            raise TextEmbeddingError(
+                f"pretrained '{pretrained}' cannot be used with {model_name}: an {schema}: model brings its own "
+                f"weights (open_clip ignores 'pretrained' for it). Leave --pretrained out (or pass "
+                f"'{RANDOM_WEIGHTS}' for random weights), or use a built-in model name with a checkpoint file.")
+        if schema == "local-dir":
+            _check_local_dir(Path(model_name[len(LOCAL_DIR_PREFIX):]), random_init)
+        pretrained = RANDOM_WEIGHTS if random_init else None
+    elif pretrained is None:
+        pretrained = DEFAULT_PRETRAINED
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-init weights are seeded, so they are reproducible
             model = open_clip.create_model(
-                model_name, pretrained=None if random_init else pretrained, device=device,
+                model_name, pretrained=None if random_init or schema else pretrained, device=device,
                 require_pretrained=not random_init, load_weights=not random_init,
             )
+        tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as e:  # open_clip raises RuntimeError/HF errors/OSError for missing weights
+        if schema == "hf-hub":
+            hint = ("An hf-hub: model is downloaded once when online and then read from the Hugging Face cache "
+                    "(HF_HUB_OFFLINE=1 uses the cache only); offline, download its folder elsewhere and pass "
+                    "--model local-dir:/path/to/that/folder. Models with a Hugging Face text tower (e.g. "
+                    "BiomedCLIP) also need `pip install transformers`.")
+        elif schema == "local-dir":
+            hint = "Check the folder's open_clip_config.json and weights file."
+        else:
+            hint = "Offline, pass a local checkpoint file with --pretrained PATH (or a precomputed --embeddings FILE)."
         raise TextEmbeddingError(
-            f"could not load open_clip model '{model_name}' with pretrained '{pretrained}': "
-            f"{type(e).__name__}: {e}\n"
-            "Offline, pass a local checkpoint file with --pretrained PATH (or a precomputed --embeddings FILE)."
+            f"could not load open_clip model '{model_name}'"
+            + (f" with pretrained '{pretrained}'" if schema is None or random_init else "")
+            + f": {type(e).__name__}: {e}\n{hint}"
         ) from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
     flat = [s for per_class in prompts.sentences for per_kind in per_class for s in per_kind]
     with torch.no_grad():
         chunks = [
@@ -123,7 +206,11 @@ def encode_prompts(
         "open_clip_version": open_clip.__version__,
         "aggregation": "mean of encode_text over the sentences of each kind (not normalised)",
     }
-    if os.path.isfile(pretrained):
+    if schema == "local-dir":
+        provenance["model_files"] = _model_files(Path(model_name[len(LOCAL_DIR_PREFIX):]))
+    elif schema == "hf-hub":
+        provenance["hf_hub_revision"] = _hf_hub_revision(model_name[len(HF_HUB_PREFIX):])
+    elif os.path.isfile(pretrained):
         provenance["pretrained_file"] = _file_fingerprint(pretrained)
     return TextEmbeddings(tensor.contiguous(), _with_dataset_info(provenance, prompts.class_names, prompts.kinds,
                                                                   prompts.digest(), prompts.matched))
@@ -238,13 +325,20 @@ def cache_mismatch(cached: TextEmbeddings, class_names: Sequence[str], prompts: 
     if p.get("source") == "open_clip":
         if prompts is not None and p.get("prompt_sha256") != prompts.digest():
             return "the prompts changed since the cache was encoded"
-        if model_name is not None and p.get("model") != model_name:
+        if model_name is not None and p.get("model") != normalize_model_name(model_name):
             return f"model {p.get('model')} in the cache, {model_name} requested"
-        if pretrained is not None and p.get("pretrained") != pretrained:
-            return f"pretrained {p.get('pretrained')} in the cache, {pretrained} requested"
-        weights = p.get("pretrained", "")
+        if pretrained is not None:
+            own = model_schema(str(p.get("model", ""))) is not None and pretrained == DEFAULT_PRETRAINED
+            wanted = None if own else pretrained  # hf-hub/local-dir: the default tag means the model's own weights
+            if p.get("pretrained") != wanted:
+                return (f"pretrained {p.get('pretrained') or '(weights of the model itself)'} in the cache, "
+                        f"{wanted or '(weights of the model itself)'} requested")
+        weights = p.get("pretrained") or ""
         if "pretrained_file" in p and os.path.isfile(weights) and _file_fingerprint(weights) != p["pretrained_file"]:
             return f"the encoder checkpoint {weights} changed since the cache was encoded"
+        folder = Path(str(p.get("model", ""))[len(LOCAL_DIR_PREFIX):])
+        if "model_files" in p and folder.is_dir() and _model_files(folder) != p["model_files"]:
+            return f"the files of the model folder {folder} changed since the cache was encoded"
     elif p.get("source") == "file":
         if model_name is not None or pretrained is not None:
             return f"the cache holds embeddings imported from {p.get('file')}, but an open_clip encoder was requested"

@@ -22,6 +22,8 @@ from nnunetv2_tak.text import (
     encode_prompts,
     load_cache,
     load_embedding_file,
+    model_schema,
+    normalize_model_name,
     save_cache,
 )
 from nnunetv2_tak.text_source import dataset_prompts, raw_dataset_folder
@@ -42,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode the dataset's organ prompts with open_clip (or import precomputed embeddings) into "
                     f"nnUNet_preprocessed/<dataset>/{CACHE_FILENAME}, which nnUNetTrainerTAK uses.")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name, e.g. 501 or Dataset501_Abdomen")
-    p.add_argument("--model", default=None, help=f"open_clip model name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"open_clip model (default {DEFAULT_MODEL}): a built-in name, hf-hub:org/repo (a model on "
+                        "the Hugging Face Hub, e.g. BiomedCLIP; downloaded once when online) or local-dir:/path (a "
+                        "folder with open_clip_config.json and the weights); hf-hub/local-dir models bring their "
+                        "own weights")
     p.add_argument("--pretrained", default=None,
-                   help=f"open_clip pretrained tag, or a local checkpoint path for offline use (default "
-                        f"{DEFAULT_PRETRAINED}); '{RANDOM_WEIGHTS}' encodes with random weights (tests only)")
+                   help=f"for built-in models: open_clip pretrained tag (online, downloads once), or a local "
+                        f"checkpoint path for offline use (default {DEFAULT_PRETRAINED}); '{RANDOM_WEIGHTS}' encodes "
+                        "with random weights (tests only)")
     p.add_argument("--embeddings", default=None,
                    help="import a precomputed tensor file [C, K, D] or [K*C, D] (kinds stacked) instead of encoding")
     p.add_argument("--kinds", default="shape,location",
@@ -79,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                     for s in sentences:
                         print(f"    [{kind}] {s}")
             return 0
-        model = args.model or DEFAULT_MODEL
-        pretrained = args.pretrained or DEFAULT_PRETRAINED
+        model = normalize_model_name(args.model or DEFAULT_MODEL)
+        if model_schema(model) and args.pretrained not in (None, RANDOM_WEIGHTS):
+            raise TextEmbeddingError(
+                f"--pretrained {args.pretrained} cannot be combined with --model {args.model}: an hf-hub:/local-dir: "
+                f"model brings its own weights; leave --pretrained out (or pass {RANDOM_WEIGHTS} for random weights)")
+        pretrained = args.pretrained or DEFAULT_PRETRAINED  # hf-hub/local-dir: the default means the model's own
         cached = load_cache(preprocessed)
         if cached is not None and not args.force and \
                 cache_mismatch(cached, prompts.class_names, prompts, model, pretrained) is None:
