@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nnunetv2_tak.fileio import atomic_write, atomic_write_text
 from nnunetv2_tak.prompts import ResolvedPrompts
 
 logger = logging.getLogger(__name__)
@@ -293,11 +293,11 @@ def save_cache(folder: str | os.PathLike, embeddings: TextEmbeddings) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / CACHE_FILENAME
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tak_text_embeddings.", suffix=".tmp")
-    os.close(fd)  # a unique temporary file: folds started in parallel never write the same one
-    torch.save({"embeddings": embeddings.tensor, "provenance": embeddings.provenance}, tmp)
-    os.replace(tmp, target)
-    target.with_suffix(".json").write_text(json.dumps(
+    # a unique temporary file (folds started in parallel never write the same one), moved into place with
+    # nnU-Net's file mode (0o666 & ~umask): other users of a shared nnUNet_preprocessed can read it
+    atomic_write(target, lambda tmp: torch.save({"embeddings": embeddings.tensor,
+                                                 "provenance": embeddings.provenance}, tmp))
+    atomic_write_text(target.with_suffix(".json"), json.dumps(
         {**embeddings.provenance, "shape": list(embeddings.shape)}, indent=2))
     return target
 

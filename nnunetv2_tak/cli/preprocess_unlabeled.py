@@ -1,5 +1,6 @@
 """nnUNetv2_tak_preprocess_unlabeled: preprocess nnUNet_raw/<dataset>/imagesUnlabeled with the dataset's
-own plans (training does this on first use; this command does it ahead of time)."""
+own plans (training does this on first use; this command does it ahead of time, optionally as one of N
+shards that run concurrently on other machines, e.g. a SLURM job array)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import json
 import logging
 
 from nnunetv2_tak.cli._common import dataset_folders
-from nnunetv2_tak.unlabeled import UNLABELED_DIR, UnlabeledDataError, preprocess_unlabeled
+from nnunetv2_tak.unlabeled import (
+    UNLABELED_DIR,
+    UnlabeledDataError,
+    check_shard_arguments,
+    find_unlabeled_images,
+    preprocess_unlabeled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=None,
                    help="worker processes (default: nnU-Net's nnUNet_def_n_proc)")
     p.add_argument("--replace-stale", action="store_true",
-                   help="when the plans changed since the last run, move the stale folder aside and redo it")
+                   help="when the plans changed since the last run, move the stale folder aside and redo it "
+                        "(not with --shard)")
+    p.add_argument("--shard", type=int, default=None,
+                   help="preprocess only shard I (0 <= I < N) of the cases, e.g. $SLURM_ARRAY_TASK_ID; shards may "
+                        "run concurrently on machines sharing nnUNet_preprocessed; a killed shard resumes when rerun")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="number of shards N (the same for every shard of the folder)")
     return p
 
 
@@ -32,22 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nnunetv2.configuration import default_num_processes
 
+        sharded = args.shard is not None or args.num_shards is not None
+        if sharded:
+            check_shard_arguments(args.shard, args.num_shards)
         _, raw, preprocessed = dataset_folders(args.dataset, UnlabeledDataError)
         plans_file = preprocessed / f"{args.plans}.json"
         if not plans_file.is_file():
             raise UnlabeledDataError(f"no plans {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
         plans = json.loads(plans_file.read_text())
         dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+        if not find_unlabeled_images(raw, dataset_json):
+            raise UnlabeledDataError(f"no unlabeled images in {raw / UNLABELED_DIR}")
         for configuration in args.configurations:
             if configuration not in plans["configurations"]:
                 raise UnlabeledDataError(f"configuration {configuration!r} is not in {plans_file} "
                                          f"(has {sorted(plans['configurations'])})")
             folder, cases = preprocess_unlabeled(raw, preprocessed, plans, configuration, dataset_json,
                                                  num_processes=args.num_processes or default_num_processes,
-                                                 replace_stale=args.replace_stale)
-            if not cases:
-                raise UnlabeledDataError(f"no unlabeled images in {raw / UNLABELED_DIR}")
-            logger.info("%s: %d unlabeled case(s) ready in %s", configuration, len(cases), folder)
+                                                 replace_stale=args.replace_stale, shard=args.shard,
+                                                 num_shards=args.num_shards)
+            what = f"shard {args.shard} of {args.num_shards}: " if sharded else ""
+            logger.info("%s: %s%d unlabeled case(s) ready in %s", configuration, what, len(cases), folder)
     except UnlabeledDataError as exc:
         logger.error("error: %s", exc)
         return 2
