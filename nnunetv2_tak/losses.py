@@ -1,7 +1,8 @@
-"""Losses of the semi-supervised method: class-balanced voxel anchors, the text-visual supervised
-contrastive loss and a gradient-aware (class-imbalance aware) cross-entropy.
+"""Losses of the semi-supervised method: class-balanced voxel anchors, TAK's text-visual contrastive
+term (the reference code's form) and GALoss (GACE + GADice) for class imbalance.
 
-Pure tensor code. Shapes: B batch, C classes, K prompt kinds, S spatial dims, M sampled anchors.
+Pure tensor code. Shapes: B batch, C classes, K prompt kinds, S spatial dims, M sampled voxel anchors,
+N = M + C*K anchors of one stage.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CONTRAST_ROW_CHUNK = 1024  # rows of the [N, N] similarity matrix materialised at once (bounded memory)
+_MASKED = -1.0e4  # a "minus infinity" that keeps logsumexp's gradient finite (|s| <= 1 / temperature)
 
 
 @torch.no_grad()
@@ -45,122 +50,161 @@ def sample_class_balanced_anchors(labels: torch.Tensor, num_classes: int, max_pe
     return flat_idx[keep], classes[keep]
 
 
-def supervised_contrastive_loss(voxel_features: torch.Tensor, voxel_classes: torch.Tensor,
-                                text_features: torch.Tensor, text_classes: torch.Tensor,
-                                temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss of voxel anchors against voxel and text anchors, in float32.
+def _contrastive_rows(rows: torch.Tensor, row_classes: torch.Tensor, row_index: torch.Tensor,
+                      anchors: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over the given rows of loss_i (see :func:`anchor_contrastive_loss`).
 
-    voxel_features [M, d], voxel_classes [M], text_features [T, d] (T = C*K), text_classes [T].
-    Every voxel anchor i is contrasted with all other anchors a (voxels and texts):
-    loss_i = -mean_{p in P(i)} log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t)), s = cosine similarity,
-    P(i) = the other anchors of i's class (its class's text anchors always among them). Returns the
-    mean over voxel anchors; 0 (still connected to the graph) when there is none.
+    rows [r, d] and anchors [N, d] L2-normalised float32, row_index [r] = the rows' positions in anchors.
     """
-    if voxel_features.shape[0] == 0:
-        return text_features.sum() * 0.0 + voxel_features.sum() * 0.0
-    device_type = voxel_features.device.type
-    with torch.autocast(device_type=device_type, enabled=False):  # exp(s / 0.07) overflows half precision
-        v = F.normalize(voxel_features.float(), dim=1)
-        t = F.normalize(text_features.float(), dim=1)
-        contrast = torch.cat([v, t], dim=0)  # [M + T, d]
-        classes = torch.cat([voxel_classes, text_classes])
-        logits = v @ contrast.T / temperature  # [M, M + T]
-        m = v.shape[0]
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[:, :m].fill_diagonal_(True)
-        logits = logits.masked_fill(self_mask, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        positives = (voxel_classes[:, None] == classes[None, :]) & ~self_mask
-        pos_count = positives.sum(dim=1)
-        pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-        has_pos = pos_count > 0
-        per_anchor = -pos_log_prob[has_pos] / pos_count[has_pos]
-        if per_anchor.numel() == 0:
-            return logits.new_zeros(()) + v.sum() * 0.0
-        return per_anchor.mean()
+    s = rows @ anchors.T / temperature  # [r, N]
+    same = row_classes[:, None] == classes[None, :]
+    is_self = row_index[:, None] == torch.arange(anchors.shape[0], device=rows.device)[None, :]
+    positive = same & ~is_self
+    log_neg = torch.logsumexp(s.masked_fill(same, _MASKED), dim=1, keepdim=True)  # log sum_{n in N(i)} exp(s_in)
+    # -(s_ip - log(exp(s_ip) + sum_n exp(s_in))) = softplus(log_neg_i - s_ip)
+    per_pair = F.softplus(log_neg - s)
+    per_row = torch.where(positive, per_pair, 0.0).sum(dim=1) / (positive.sum(dim=1) + 1e-5)
+    return per_row.sum()
 
 
-class GradientAwareCrossEntropy(nn.Module):
-    """Cross-entropy whose per-class positive and negative gradients are re-weighted by their
-    accumulated ratio (the gradient-aware idea of GALoss / EQL v2, applied to softmax segmentation).
+def anchor_contrastive_loss(features: torch.Tensor, classes: torch.Tensor, temperature: float = 0.07,
+                            row_chunk: int = CONTRAST_ROW_CHUNK) -> torch.Tensor:
+    """TAK's contrastive loss over one stage's anchors (voxel and text anchors alike), in float32.
 
-    For class c, g_c = (sum of |dL/dz_c| on voxels of class c) / (sum on voxels of other classes),
-    accumulated over training. Negative gradients are scaled by q_c = sigmoid(gamma (g_c - mu)) and
-    positive ones by r_c = 1 + alpha (1 - q_c): a rare class, whose few positives are drowned by
-    negatives from every other voxel, gets its negatives damped and its positives boosted. Until
-    statistics exist (first iteration) the weights are 1, i.e. plain cross-entropy.
-
-    forward(logits [B, C, *S], target [B, 1, *S]) -> scalar (mean over non-ignored voxels).
+    features [N, d], classes [N]. With s_ab = cos(a, b) / temperature, P(i) the other anchors of i's
+    class and N(i) the anchors of every other class:
+    loss_i = -1 / (|P(i)| + 1e-5) * sum_{p in P(i)} [s_ip - log(exp(s_ip) + sum_{n in N(i)} exp(s_in))]
+    (each positive against the negatives only; unlike SupCon, other positives are not in the
+    denominator). Returns the mean over all N rows. Rows are processed ``row_chunk`` at a time with
+    activation checkpointing, so memory is O(row_chunk * N) however many classes there are.
     """
-
-    def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8, alpha: float = 4.0,
-                 ignore_index: int | None = None):
-        super().__init__()
-        self.num_classes, self.gamma, self.mu, self.alpha = num_classes, gamma, mu, alpha
-        self.ignore_index = ignore_index
-        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
-
-    def class_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive weights r [C], negative weights q [C]), float32."""
-        ratio = (self.pos_grad / self.neg_grad.clamp_min(1e-12)).float()
-        q = torch.sigmoid(self.gamma * (ratio - self.mu))
-        started = self.neg_grad.sum() > 0  # stays on the device: no host sync per call
-        one = torch.ones_like(q)
-        return torch.where(started, 1.0 + self.alpha * (1.0 - q), one), torch.where(started, q, one)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target[:, 0].long() if target.ndim == logits.ndim else target.long()
-        ignore = self.ignore_index if self.ignore_index is not None else -100
-        valid = (target != ignore)
-        if self.pos_grad.device != logits.device:  # nnU-Net does not move its loss to the device
-            self.to(logits.device)
-        if logits.requires_grad:
-            # a view of its own: the hook re-weights only the gradient that flows through this CE, not the
-            # Dice term that shares the logits in nnU-Net's Dice+CE
-            logits = logits.view_as(logits)
-            onehot = F.one_hot(torch.where(valid, target, 0), self.num_classes).movedim(-1, 1).bool()
-            onehot &= valid[:, None]
-            r, q = self.class_weights()
-            shape = (1, -1) + (1,) * (logits.ndim - 2)
-            weights = torch.where(onehot, r.view(shape), q.view(shape))
-            reduce_dims = [0, *range(2, logits.ndim)]
-
-            def reweight(grad: torch.Tensor) -> torch.Tensor:
-                magnitude = torch.nan_to_num(grad.detach().abs().double(), nan=0.0, posinf=0.0)  # AMP inf steps
-                with torch.no_grad():
-                    self.pos_grad += (magnitude * onehot).sum(dim=reduce_dims)
-                    self.neg_grad += (magnitude * (~onehot & valid[:, None])).sum(dim=reduce_dims)
-                return grad * weights.to(grad.dtype)
-
-            logits.register_hook(reweight)
-        return F.cross_entropy(logits, target, ignore_index=ignore)
+    n = features.shape[0]
+    with torch.autocast(device_type=features.device.type, enabled=False):  # exp(s / 0.07) overflows fp16
+        anchors = F.normalize(features.float(), dim=1)
+        index = torch.arange(n, device=features.device)
+        if n <= row_chunk:
+            return _contrastive_rows(anchors, classes, index, anchors, classes, temperature) / n
+        total = anchors.new_zeros(())
+        for start in range(0, n, row_chunk):
+            part = slice(start, start + row_chunk)
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_contrastive_rows, anchors[part], classes[part], index[part], anchors,
+                                           classes, temperature, use_reentrant=False)
+            else:
+                total = total + _contrastive_rows(anchors[part], classes[part], index[part], anchors, classes,
+                                                  temperature)
+        return total / n
 
 
 def text_visual_contrastive_loss(deep_features: list[torch.Tensor], labels: torch.Tensor,
                                  voxel_heads: nn.ModuleList, text_heads: nn.ModuleList,
                                  text_embeddings: torch.Tensor, anchors_per_stage: tuple[int, ...],
-                                 temperature: float = 0.07,
+                                 temperature: float = 0.07, stage_reduction: str = "sum",
                                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """The TAK contrastive term, averaged over the deep encoder stages.
+    """The TAK contrastive term over the deep encoder stages (``stage_reduction``: "sum" as the
+    reference code, or "mean").
 
     deep_features: [B, ch_s, *S_s] per stage (shallow to deep); labels [B, 1, *S] (ground truth or
     confident pseudo-labels; anything outside [0, C) is ignored); text_embeddings E [C, K, D].
-    Per stage: labels nearest-resized to the feature grid, up to ``anchors_per_stage[s]`` voxel anchors
-    per sample and class present, projected by ``voxel_heads[s]``; the C*K prompt embeddings projected
-    by ``text_heads[s]`` are the text anchors.
+    Per stage: ``voxel_heads[s]`` projects the whole feature map (its norm needs the map), labels are
+    nearest-resized to the feature grid and up to ``anchors_per_stage[s]`` voxel anchors per sample and
+    class present are gathered; ``text_heads[s]`` projects the C*K prompt embeddings (the text anchors).
     """
+    if stage_reduction not in ("sum", "mean"):
+        raise ValueError(f"stage_reduction must be 'sum' or 'mean', not {stage_reduction!r}")
     num_classes, num_kinds, dim = text_embeddings.shape
     text_classes = torch.arange(num_classes, device=labels.device).repeat_interleave(num_kinds)
     flat_text = text_embeddings.reshape(num_classes * num_kinds, dim)
     losses = []
     for feats, voxel_head, text_head, max_anchors in zip(deep_features, voxel_heads, text_heads,
                                                          anchors_per_stage, strict=True):
-        b, ch = feats.shape[:2]
-        grid_labels = resize_labels(labels, feats.shape[2:]).reshape(b, -1)
+        projected = voxel_head(feats)  # [B, ch, *S_s]
+        b, ch = projected.shape[:2]
+        grid_labels = resize_labels(labels, projected.shape[2:]).reshape(b, -1)
         idx, classes = sample_class_balanced_anchors(grid_labels, num_classes, max_anchors, generator)
         n = grid_labels.shape[1]
-        voxels = feats.reshape(b, ch, n)[idx // n, :, idx % n]  # [M, ch], gathered: no full-map projection
-        text = text_head(flat_text.to(voxels.dtype))
-        losses.append(supervised_contrastive_loss(voxel_head(voxels), classes, text, text_classes, temperature))
-    return torch.stack(losses).mean()
+        voxels = projected.reshape(b, ch, n)[idx // n, :, idx % n]  # [M, ch]
+        text = text_head(flat_text.to(voxels.dtype))  # [C*K, ch]
+        losses.append(anchor_contrastive_loss(torch.cat([voxels, text]), torch.cat([classes, text_classes]),
+                                              temperature))
+    stacked = torch.stack(losses)
+    return stacked.sum() if stage_reduction == "sum" else stacked.mean()
+
+
+def _flatten_valid(logits: torch.Tensor, target: torch.Tensor,
+                   ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, C, *S], target [B, 1, *S] or [B, *S] -> (float32 logits [V, C], target [V]) of the
+    voxels whose label is not ``ignore_index``."""
+    target = (target[:, 0] if target.ndim == logits.ndim else target).long().reshape(-1)
+    flat = logits.float().movedim(1, -1).reshape(-1, logits.shape[1])
+    if ignore_index is not None:
+        keep = target != ignore_index
+        flat, target = flat[keep], target[keep]
+    return flat, target
+
+
+def ga_cross_entropy(logits: torch.Tensor, target: torch.Tensor, top_fraction: float = 0.1, gamma: float = 0.5,
+                     ignore_index: int | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """GACE: per-voxel CE, keep the M = max(1, int(top_fraction * V)) voxels with the largest CE, then
+    sum_c (sum of kept CE of class c) / ((n_c + eps)^(1 - gamma) * M^gamma), n_c = kept voxels of class c.
+
+    logits [B, C, *S], target [B, 1, *S] (or [B, *S]); V = non-ignored voxels. Float32.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        flat, labels = _flatten_valid(logits, target, ignore_index)
+        if labels.numel() == 0:
+            return logits.sum() * 0.0
+        ce = F.cross_entropy(flat, labels, reduction="none")
+        m = max(1, int(top_fraction * labels.numel()))
+        kept_ce, kept = torch.topk(ce, m, sorted=False)
+        kept_labels = labels[kept]
+        num_classes = logits.shape[1]
+        per_class = torch.zeros(num_classes, device=ce.device).index_add_(0, kept_labels, kept_ce)
+        counts = torch.bincount(kept_labels, minlength=num_classes).float()
+        return (per_class / ((counts + eps) ** (1.0 - gamma) * float(m) ** gamma)).sum()
+
+
+def ga_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """GADice over the whole batch, background included, averaged over the C classes:
+    a class present in the target: 1 - 2 sum(p_c t_c) / (sum p_c^2 + sum t_c^2);
+    an absent class: sum_v sg(p_c(v) / V) * p_c(v) (sg = stop-gradient, V = non-ignored voxels).
+
+    logits [B, C, *S] -> softmax p; target [B, 1, *S] (or [B, *S]). Float32.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        flat, labels = _flatten_valid(logits, target, ignore_index)
+        if labels.numel() == 0:
+            return logits.sum() * 0.0
+        num_classes = logits.shape[1]
+        probs = torch.softmax(flat, dim=1)  # [V, C]
+        onehot = F.one_hot(labels, num_classes).float()
+        intersection = (probs * onehot).sum(0)
+        t_sq = onehot.sum(0)
+        present = t_sq > 0
+        dice = 1.0 - 2.0 * intersection / ((probs * probs).sum(0) + t_sq).clamp_min(1e-12)
+        absent = (probs.detach() / labels.numel() * probs).sum(0)
+        return torch.where(present, dice, absent).mean()
+
+
+class GALoss(nn.Module):
+    """GALoss = GACE + GADice on logits [B, C, *S] against integer labels [B, 1, *S]; nnU-Net's ignore
+    label (``ignore_index``) is honoured. Wrapped by nnU-Net's DeepSupervisionWrapper like Dice+CE."""
+
+    def __init__(self, top_fraction: float = 0.1, gamma: float = 0.5, ignore_index: int | None = None):
+        super().__init__()
+        self.top_fraction, self.gamma, self.ignore_index = top_fraction, gamma, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (ga_cross_entropy(logits, target, self.top_fraction, self.gamma, self.ignore_index)
+                + ga_dice_loss(logits, target, self.ignore_index))
+
+
+class GADiceLoss(nn.Module):
+    """GADice as a module (the reference's pseudo-label loss: every voxel, background included)."""
+
+    def __init__(self, ignore_index: int | None = None):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ga_dice_loss(logits, target, self.ignore_index)

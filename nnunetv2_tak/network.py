@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
+from dynamic_network_architectures.building_blocks.helper import get_matching_instancenorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -187,17 +188,20 @@ class TextPriorHead(nn.Module):
 
 
 class ContrastiveHeads(nn.Module):
-    """Projection heads of the text-visual contrastive term, one per deep encoder stage: voxel features
-    ch -> ch and prompt embeddings D -> ch (two-layer MLPs). Applied to sampled anchors only, so the
-    voxel projection is a Linear on gathered vectors (equal to a 1x1 conv on the whole map)."""
+    """Projection heads of the text-visual contrastive term, one per deep encoder stage (the reference
+    code's): voxels 1x1 conv -> InstanceNorm -> ReLU -> 1x1 conv on the whole feature map [B, ch, *S]
+    (the norm needs the map; anchors are gathered afterwards), prompt embeddings Linear(D -> ch) + ReLU.
+    The reference reuses the controller's 256-wide text MLP at its deepest stage; nnU-Net's stages are
+    up to 320 wide, so every stage has its own text head here."""
 
-    def __init__(self, stage_channels: list[int], embed_dim: int):
+    def __init__(self, conv_op: type[nn.Module], stage_channels: list[int], embed_dim: int):
         super().__init__()
+        norm_op = get_matching_instancenorm(conv_op)
         self.voxel = nn.ModuleList(
-            nn.Sequential(nn.Linear(ch, ch), nn.ReLU(inplace=True), nn.Linear(ch, ch)) for ch in stage_channels)
-        self.text = nn.ModuleList(
-            nn.Sequential(nn.Linear(embed_dim, ch), nn.ReLU(inplace=True), nn.Linear(ch, ch))
+            nn.Sequential(conv_op(ch, ch, 1), norm_op(ch), nn.ReLU(inplace=True), conv_op(ch, ch, 1))
             for ch in stage_channels)
+        self.text = nn.ModuleList(nn.Sequential(nn.Linear(embed_dim, ch), nn.ReLU(inplace=True))
+                                  for ch in stage_channels)
 
 
 def _head_input(encoder: nn.Module, channels: int, head_channels: int, with_norm: bool) -> nn.Sequential:
@@ -235,7 +239,7 @@ class TextPriorUNet(nn.Module):
         self.num_image_stages = min(config.num_image_stages, len(channels))
         self.text_prior = TextPriorHead(num_classes, channels[-self.num_image_stages:], config)
         # built always (also when a variant does not train it) so every checkpoint has the same keys
-        self.contrast = ContrastiveHeads(channels[-self.num_image_stages:], config.embed_dim)
+        self.contrast = ContrastiveHeads(self.encoder.conv_op, channels[-self.num_image_stages:], config.embed_dim)
 
     @property
     def num_classes(self) -> int:
@@ -279,8 +283,25 @@ class TextPriorUNet(nn.Module):
                 f"dim) but the network was built for {list(own.shape)} from the plans' 'tak_text_prior' entry "
                 f"{self.config.to_dict()}. Use the plans.json saved in the model's results folder."
             )
+        self._replace_foreign_contrast_heads(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _replace_foreign_contrast_heads(self, state_dict, prefix: str) -> None:
+        """Checkpoints of nnunetv2_tak 0.1 carry contrastive heads of another form (MLPs on gathered
+        voxels). They are training-only, so such a checkpoint still predicts: its heads are replaced by
+        this network's (freshly initialised) ones, with a warning. Resuming training from it is refused
+        by the trainer's settings check."""
+        own = {f"{prefix}contrast.{k}": v for k, v in self.contrast.state_dict().items()}
+        theirs = [k for k in state_dict if k.startswith(f"{prefix}contrast.")]
+        if not theirs or (set(theirs) == set(own)
+                          and all(state_dict[k].shape == v.shape for k, v in own.items())):
+            return
+        for key in theirs:
+            del state_dict[key]
+        state_dict.update({k: v.detach().clone() for k, v in own.items()})
+        logger.warning("the checkpoint's contrastive projection heads are of an older form (nnunetv2_tak 0.1); "
+                       "they are used in training only and were re-initialised. Prediction is unaffected.")
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

@@ -43,17 +43,28 @@ def clipped_noise(x: torch.Tensor, std: float, clip: float, generator: torch.Gen
 
 
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits [B, C, *S] -> (pseudo-labels [B, 1, *S] long, with ``ignore_index`` where the
-    voxel entropy exceeds ``threshold``; entropy [B, 1, *S] float32).
+def teacher_predictions(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits [B, C, *S] -> (argmax [B, 1, *S] long, voxel entropy [B, 1, *S] float32 in nats).
 
     Softmax and entropy are computed in float32 whatever the autocast dtype.
     """
     log_p = torch.log_softmax(logits.float(), dim=1)
     entropy = -(log_p.exp() * log_p).sum(dim=1, keepdim=True)
-    labels = log_p.argmax(dim=1, keepdim=True)
-    labels[entropy > threshold] = ignore_index
-    return labels, entropy
+    return log_p.argmax(dim=1, keepdim=True), entropy
+
+
+@torch.no_grad()
+def mask_unconfident(labels: torch.Tensor, entropy: torch.Tensor, threshold: float, ignore_index: int) -> torch.Tensor:
+    """A copy of ``labels`` [B, 1, *S] with ``ignore_index`` where ``entropy`` exceeds ``threshold``."""
+    return labels.masked_fill(entropy > threshold, ignore_index)
+
+
+@torch.no_grad()
+def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confident pseudo-labels: (argmax [B, 1, *S] with ``ignore_index`` where the entropy exceeds
+    ``threshold``, entropy [B, 1, *S] float32)."""
+    labels, entropy = teacher_predictions(logits)
+    return mask_unconfident(labels, entropy, threshold, ignore_index), entropy
 
 
 @torch.no_grad()

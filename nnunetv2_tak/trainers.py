@@ -24,6 +24,7 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
@@ -31,7 +32,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_tak.losses import GradientAwareCrossEntropy, text_visual_contrastive_loss
+from nnunetv2_tak.losses import GADiceLoss, GALoss, text_visual_contrastive_loss
 from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, unwrap_network
 from nnunetv2_tak.progress import TAKLocalLogger
 from nnunetv2_tak.prompts import dataset_class_names
@@ -40,9 +41,10 @@ from nnunetv2_tak.teacher import (
     EMATeacher,
     clipped_noise,
     entropy_threshold,
+    mask_unconfident,
     pseudo_label_statistics,
-    pseudo_labels,
     sigmoid_rampup,
+    teacher_predictions,
 )
 from nnunetv2_tak.text import (
     RANDOM_WEIGHTS,
@@ -102,7 +104,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     random_text_seed: ClassVar[int] = 0
     allow_random_text_encoder: ClassVar[bool] = False  # accept a cache encoded with --pretrained random-init
     text_prior: ClassVar[TextPriorConfig] = TextPriorConfig()  # head geometry (K and D come from the text)
-    # --- semi-supervised training (defaults of the paper and its code) ---------------------
+    # --- semi-supervised training (defaults of the paper's reference code; README "Reference vs ours") ---
     use_unlabeled: ClassVar[bool] = True  # False: labeled data only (no teacher, no pseudo-labels)
     unlabeled_batch_size: ClassVar[int | None] = None  # None: the planned batch size
     ema_decay: ClassVar[float] = 0.99  # teacher decay, warm-up min(1 - 1/(step + 1), decay)
@@ -110,15 +112,20 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     teacher_noise_clip: ClassVar[float] = 0.2  # ... clipped to +-this
     entropy_threshold_base: ClassVar[float] = LN2  # tau(t) = base * (start + (1 - start) * rampup(t))
     entropy_threshold_start: ClassVar[float] = 0.75
-    unsup_weight: ClassVar[float] = 0.1  # pseudo-label loss weight * sigmoid_rampup(epoch, rampup length)
-    rampup_epochs: ClassVar[float | None] = None  # ramp-up length of weight and threshold; None: all epochs
+    entropy_rampup_fraction: ClassVar[float] = 0.625  # threshold ramps over this fraction of training (100/160)
+    unsup_weight: ClassVar[float] = 0.1  # pseudo-label loss weight * sigmoid_rampup(epoch, ramp length)
+    unsup_rampup_fraction: ClassVar[float] = 1.0  # the weight ramps over this fraction of training (160/160)
+    unsup_loss: ClassVar[str] = "ga_dice"  # "ga_dice": every voxel, background included (reference);
+    #                                        "dice_ce_confident": nnU-Net Dice+CE on confident voxels only
     contrastive_weight: ClassVar[float] = 0.1  # 0 switches the contrastive term off
+    contrastive_stage_reduction: ClassVar[str] = "sum"  # "sum" of the stage losses (reference) or "mean"
     contrastive_start_fraction: ClassVar[float] = 0.12  # contrastive term on after this fraction of training
     contrastive_temperature: ClassVar[float] = 0.07
     contrastive_anchors: ClassVar[tuple[int, ...]] = (40, 20, 10)  # per sample and class, shallow -> deepest
     contrastive_on_unlabeled: ClassVar[bool] = True  # anchors also from confident pseudo-labels
-    supervised_loss: ClassVar[str] = "dice_ce"  # "dice_ce" (nnU-Net) or "gradient_aware" (GALoss-style CE)
-    gradient_aware_params: ClassVar[tuple[float, float, float]] = (12.0, 0.8, 4.0)  # gamma, mu, alpha (EQL v2)
+    supervised_loss: ClassVar[str] = "dice_ce"  # "dice_ce" (nnU-Net's, deep supervision) or "ga" (GACE + GADice)
+    ga_top_fraction: ClassVar[float] = 0.1  # GACE keeps this fraction of voxels with the largest CE
+    ga_gamma: ClassVar[float] = 0.5  # GACE class normalisation n_c^(1-g) * M^g
     # --- schedule (None keeps nnU-Net's default) --------------------------------------------
     epochs: ClassVar[int | None] = None
     iterations_per_epoch: ClassVar[int | None] = None
@@ -128,9 +135,10 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     # settings that must match when a run is resumed (--c)
     SSL_SETTINGS: ClassVar[tuple[str, ...]] = (
         "text_source", "use_unlabeled", "unlabeled_batch_size", "ema_decay", "teacher_noise_std",
-        "teacher_noise_clip", "entropy_threshold_base", "entropy_threshold_start", "unsup_weight", "rampup_epochs",
-        "contrastive_weight", "contrastive_start_fraction", "contrastive_temperature", "contrastive_anchors",
-        "contrastive_on_unlabeled", "supervised_loss", "gradient_aware_params", "num_epochs",
+        "teacher_noise_clip", "entropy_threshold_base", "entropy_threshold_start", "entropy_rampup_fraction",
+        "unsup_weight", "unsup_rampup_fraction", "unsup_loss", "contrastive_weight", "contrastive_stage_reduction",
+        "contrastive_start_fraction", "contrastive_temperature", "contrastive_anchors", "contrastive_on_unlabeled",
+        "supervised_loss", "ga_top_fraction", "ga_gamma", "num_epochs",
         "num_iterations_per_epoch")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -145,7 +153,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         self.logger.local_logger = TAKLocalLogger(self.logger.local_logger.verbose)
         self.text_embeddings: TextEmbeddings | None = None
         self.teacher: EMATeacher | None = None
-        self.unsup_loss: torch.nn.Module | None = None
+        self.unsup_criterion: torch.nn.Module | None = None
         self.dataloader_unlabeled = None
         self.unlabeled_cases: list[str] = []
         self._restored_unlabeled_digest: str | None = None
@@ -181,8 +189,8 @@ class nnUNetTrainerTAK(nnUNetTrainer):
             # after DDP has broadcast rank 0's weights: every rank starts from the same teacher
             self.teacher = EMATeacher(unwrap_network(self.network), self.ema_decay)
             self.teacher.module.decoder.deep_supervision = False
-        if self.use_unlabeled and self.unsup_loss is None:
-            self.unsup_loss = self._build_unsup_loss()
+        if self.use_unlabeled and self.unsup_criterion is None:
+            self.unsup_criterion = self._build_unsup_loss()
 
     def _resolve_text_embeddings_once(self) -> TextEmbeddings:
         # under DDP rank 0 encodes/caches first, the others then read the cache
@@ -221,24 +229,31 @@ class nnUNetTrainerTAK(nnUNetTrainer):
 
     # --- losses ---------------------------------------------------------------------------
     def _build_loss(self):
+        """nnU-Net's Dice+CE with deep supervision, or GALoss (GACE + GADice) in its place."""
         loss = super()._build_loss()
-        if self.supervised_loss == "gradient_aware":
-            inner = getattr(loss, "loss", loss)  # DeepSupervisionWrapper or the bare Dice+CE
-            gamma, mu, alpha = self.gradient_aware_params
-            inner.ce = GradientAwareCrossEntropy(self.label_manager.num_segmentation_heads, gamma, mu, alpha,
-                                                 ignore_index=self.label_manager.ignore_label).to(self.device)
+        if self.supervised_loss == "ga":
+            ga = GALoss(self.ga_top_fraction, self.ga_gamma, ignore_index=self.label_manager.ignore_label)
+            if isinstance(loss, DeepSupervisionWrapper):  # same deep-supervision weights as nnU-Net's
+                loss.loss = ga
+            else:
+                loss = ga
         elif self.supervised_loss != "dice_ce":
-            raise ValueError(f"{type(self).__name__}.supervised_loss must be 'dice_ce' or 'gradient_aware', "
+            raise ValueError(f"{type(self).__name__}.supervised_loss must be 'dice_ce' or 'ga', "
                              f"not {self.supervised_loss!r}")
         return loss
 
     def _build_unsup_loss(self) -> torch.nn.Module:
-        """Dice+CE on the full-resolution unlabeled output against pseudo-labels; unconfident voxels carry
-        the label C and are ignored."""
-        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
-                               "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
-                              ignore_label=self.label_manager.num_segmentation_heads,
-                              dice_class=MemoryEfficientSoftDiceLoss)
+        """Loss of the full-resolution unlabeled output against the teacher's argmax: GADice on every voxel
+        (the reference), or nnU-Net's Dice+CE where unconfident voxels carry the label C and are ignored."""
+        if self.unsup_loss == "ga_dice":
+            return GADiceLoss()
+        if self.unsup_loss == "dice_ce_confident":
+            return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                                   "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
+                                  ignore_label=self.label_manager.num_segmentation_heads,
+                                  dice_class=MemoryEfficientSoftDiceLoss)
+        raise ValueError(f"{type(self).__name__}.unsup_loss must be 'ga_dice' or 'dice_ce_confident', "
+                         f"not {self.unsup_loss!r}")
 
     # --- schedules --------------------------------------------------------------------------
     def training_progress(self, iteration: int = 0) -> float:
@@ -247,12 +262,13 @@ class nnUNetTrainerTAK(nnUNetTrainer):
 
     def ssl_weights(self, t: float) -> dict[str, float]:
         """Loss weights and entropy threshold at fractional epoch t."""
-        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
         contrast_on = t >= self.contrastive_start_fraction * self.num_epochs
+        unsup_ramp = sigmoid_rampup(t, self.unsup_rampup_fraction * self.num_epochs)
         return {
-            "unsup": self.unsup_weight * sigmoid_rampup(t, length) if self.use_unlabeled else 0.0,
+            "unsup": self.unsup_weight * unsup_ramp if self.use_unlabeled else 0.0,
             "contrast": self.contrastive_weight if contrast_on else 0.0,
-            "threshold": entropy_threshold(t, length, self.entropy_threshold_base, self.entropy_threshold_start),
+            "threshold": entropy_threshold(t, self.entropy_rampup_fraction * self.num_epochs,
+                                           self.entropy_threshold_base, self.entropy_threshold_start),
         }
 
     # --- unlabeled stream -------------------------------------------------------------------
@@ -382,8 +398,10 @@ class nnUNetTrainerTAK(nnUNetTrainer):
                 with torch.no_grad():
                     teacher_logits = self.teacher.module(
                         clipped_noise(unlabeled, self.teacher_noise_std, self.teacher_noise_clip))
-                    pseudo, _ = pseudo_labels(teacher_logits, weights["threshold"], ignore_index=num_classes)
+                    argmax, entropy = teacher_predictions(teacher_logits)
                     del teacher_logits
+                    pseudo = mask_unconfident(argmax, entropy, weights["threshold"], ignore_index=num_classes)
+                    unsup_target = argmax if self.unsup_loss == "ga_dice" else pseudo
                 data = torch.cat([data, unlabeled])
                 if self.contrastive_on_unlabeled:
                     labels = torch.cat([labels, pseudo])
@@ -394,7 +412,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
             unsup = torch.zeros((), device=self.device)
             if pseudo is not None:
                 full = output[0] if isinstance(output, list) else output
-                unsup = self.unsup_loss(full[n_labeled:], pseudo)
+                unsup = self.unsup_criterion(full[n_labeled:], unsup_target)
                 loss = loss + weights["unsup"] * unsup
             contrast = torch.zeros((), device=self.device)
             if weights["contrast"] > 0:
@@ -402,7 +420,8 @@ class nnUNetTrainerTAK(nnUNetTrainer):
                     deep = [f[:labels.shape[0]] for f in deep]
                 contrast = text_visual_contrastive_loss(
                     deep, labels, network.contrast.voxel, network.contrast.text,
-                    network.text_prior.text_embeddings, self.contrastive_anchors, self.contrastive_temperature)
+                    network.text_prior.text_embeddings, self.contrastive_anchors, self.contrastive_temperature,
+                    self.contrastive_stage_reduction)
                 loss = loss + weights["contrast"] * contrast
             elif self.is_ddp:  # DDP needs every parameter in the graph
                 loss = loss + 0.0 * sum(p.sum() for p in network.contrast.parameters())
@@ -589,9 +608,10 @@ class nnUNetTrainerTAK_TextPriorOnly(nnUNetTrainerTAK):
 
 
 class nnUNetTrainerTAK_GALoss(nnUNetTrainerTAK):
-    """Class-imbalance aware supervised loss: gradient-aware CE (GALoss-style re-weighting) + Dice."""
+    """Class-imbalance aware supervised loss: GALoss (GACE + GADice, the reference code's) in place of
+    nnU-Net's Dice+CE, with the same deep supervision."""
 
-    supervised_loss = "gradient_aware"
+    supervised_loss = "ga"
 
 
 class nnUNetTrainerTAK_Quick(_Quick, nnUNetTrainerTAK):

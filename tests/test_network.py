@@ -176,3 +176,26 @@ def test_autocast_forward_backward():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert net.text_prior.controller.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_with_contrastive_heads_of_release_0_1_still_loads(caplog):
+    """0.1 checkpoints carry MLP contrastive heads (Linear-ReLU-Linear on gathered voxels, two-layer
+    text MLPs); they are training-only, so the network loads such a state dict (heads re-initialised)."""
+    torch.manual_seed(0)
+    net = build("plain", 3, True)
+    state = net.state_dict()
+    old = {k: v for k, v in state.items() if not k.startswith("contrast.")}
+    for s, ch in enumerate(net.encoder.output_channels[-net.num_image_stages:]):
+        old[f"contrast.voxel.{s}.0.weight"] = torch.randn(ch, ch)
+        old[f"contrast.voxel.{s}.2.weight"] = torch.randn(ch, ch)
+        old[f"contrast.text.{s}.2.weight"] = torch.randn(ch, ch)
+    fresh = build("plain", 3, True)
+    own_heads = {k: v.clone() for k, v in fresh.contrast.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        fresh.load_state_dict(old)  # strict
+    assert "older form" in caplog.text
+    for key, value in fresh.contrast.state_dict().items():
+        torch.testing.assert_close(value, own_heads[key])
+    for key, value in fresh.state_dict().items():
+        if not key.startswith("contrast."):
+            torch.testing.assert_close(value, state[key])

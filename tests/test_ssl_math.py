@@ -1,5 +1,6 @@
-"""The semi-supervised maths on its own: EMA teacher, schedules, pseudo-labels, anchors, contrastive
-loss, gradient-aware CE, shards and splits. Pure tensors, no nnU-Net machinery."""
+"""The semi-supervised maths on its own: EMA teacher, schedules, pseudo-labels, anchors, TAK's contrastive
+loss, GALoss (GACE + GADice), shards and splits. Pure tensors, no nnU-Net machinery. The contrastive and
+GA losses are checked against small cases computed by hand from the reference formulas."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 from torch import nn
 
 from nnunetv2_tak.losses import (
-    GradientAwareCrossEntropy,
+    GALoss,
+    anchor_contrastive_loss,
+    ga_cross_entropy,
+    ga_dice_loss,
     sample_class_balanced_anchors,
-    supervised_contrastive_loss,
     text_visual_contrastive_loss,
 )
 from nnunetv2_tak.splits import SplitError, few_label_split
@@ -121,80 +124,156 @@ def test_anchor_sampling_is_class_balanced_per_sample():
 
 
 # --- contrastive loss ---------------------------------------------------------------------------
-def _supcon_by_hand(features: np.ndarray, classes: list[int], num_voxels: int, t: float) -> float:
+def _tak_contrastive_by_hand(features: np.ndarray, classes: list[int], t: float) -> float:
+    """The reference formula written literally: every anchor is a row; each positive p of row i is scored
+    against the negatives only: -(1/(|P|+1e-5)) sum_p [s_ip - log(exp(s_ip) + sum_n exp(s_in))]."""
     f = features / np.linalg.norm(features, axis=1, keepdims=True)
-    losses = []
-    for i in range(num_voxels):
-        others = [a for a in range(len(f)) if a != i]
-        denom = sum(math.exp(f[i] @ f[a] / t) for a in others)
-        pos = [p for p in others if classes[p] == classes[i]]
-        losses.append(-sum(math.log(math.exp(f[i] @ f[p] / t) / denom) for p in pos) / len(pos))
-    return sum(losses) / len(losses)
+    rows = []
+    for i in range(len(f)):
+        pos = [p for p in range(len(f)) if p != i and classes[p] == classes[i]]
+        neg_sum = sum(math.exp(f[i] @ f[n] / t) for n in range(len(f)) if classes[n] != classes[i])
+        total = sum(f[i] @ f[p] / t - math.log(math.exp(f[i] @ f[p] / t) + neg_sum) for p in pos)
+        rows.append(-total / (len(pos) + 1e-5))
+    return sum(rows) / len(rows)
 
 
-def test_contrastive_loss_matches_a_hand_computed_case():
-    voxels = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
-    voxel_classes = torch.tensor([0, 0, 1])
-    text = torch.tensor([[1.0, 0.2], [0.9, -0.1], [-0.3, 1.0], [0.1, 0.9]])  # C=2 classes x K=2 kinds
-    text_classes = torch.tensor([0, 0, 1, 1])
+def test_contrastive_loss_closed_form():
+    # two classes, two identical anchors each, the classes orthogonal; t = 1: every row has one positive
+    # (s = 1) and two negatives (s = 0), so loss = (log(e + 2) - 1) / (1 + 1e-5)
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    loss = anchor_contrastive_loss(torch.tensor([e1, e1, e2, e2]), torch.tensor([0, 0, 1, 1]), temperature=1.0)
+    assert loss.item() == pytest.approx((math.log(math.e + 2.0) - 1.0) / (1.0 + 1e-5), rel=1e-6)
+
+
+def test_contrastive_loss_of_4_voxel_and_2_text_anchors_matches_the_reference_formula():
+    voxels = torch.tensor([[1.0, 0.0, 0.2], [0.8, 0.6, 0.0], [0.0, 1.0, 0.1], [0.1, 0.7, -0.5]])
+    text = torch.tensor([[1.0, 0.2, 0.3], [-0.3, 1.0, 0.4]])  # one text anchor per class (C=2, K=1)
+    classes = [0, 0, 1, 1, 0, 1]
     t = 0.5
-    loss = supervised_contrastive_loss(voxels, voxel_classes, text, text_classes, temperature=t)
-    expected = _supcon_by_hand(torch.cat([voxels, text]).numpy(), [0, 0, 1, 0, 0, 1, 1], 3, t)
+    features = torch.cat([voxels, text])
+    loss = anchor_contrastive_loss(features, torch.tensor(classes), temperature=t)
+    expected = _tak_contrastive_by_hand(features.numpy().astype(np.float64), classes, t)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # a class absent from the batch (class 2's text) only adds negatives
-    text3 = torch.cat([text, torch.tensor([[-1.0, -1.0], [-0.9, -1.1]])])
-    loss3 = supervised_contrastive_loss(voxels, voxel_classes, text3, torch.tensor([0, 0, 1, 1, 2, 2]), t)
-    expected3 = _supcon_by_hand(torch.cat([voxels, text3]).numpy(), [0, 0, 1, 0, 0, 1, 1, 2, 2], 3, t)
-    assert loss3.item() == pytest.approx(expected3, rel=1e-5)
+    # not SupCon: with the other positives in the denominator the number is different
+    f = torch.nn.functional.normalize(features, dim=1).numpy().astype(np.float64)
+    supcon = np.mean([-np.mean([f[i] @ f[p] / t - math.log(sum(math.exp(f[i] @ f[a] / t) for a in range(6) if a != i))
+                                for p in range(6) if p != i and classes[p] == classes[i]]) for i in range(6)])
+    assert abs(loss.item() - supcon) > 1e-2
+    # a row without positives (a class with one anchor) contributes 0 and still counts in the mean
+    three = torch.cat([features, torch.tensor([[0.0, 0.0, 1.0]])])
+    classes3 = [*classes, 2]
+    expected3 = _tak_contrastive_by_hand(three.numpy().astype(np.float64), classes3, t)
+    assert anchor_contrastive_loss(three, torch.tensor(classes3), t).item() == pytest.approx(expected3, rel=1e-5)
+
+
+def test_contrastive_loss_in_row_chunks_equals_the_whole_matrix_with_gradients():
+    torch.manual_seed(0)
+    features = torch.randn(37, 8, dtype=torch.float64)
+    classes = torch.randint(0, 4, (37,))
+    a = features.clone().requires_grad_(True)
+    b = features.clone().requires_grad_(True)
+    whole = anchor_contrastive_loss(a, classes, 0.07, row_chunk=1000)
+    chunked = anchor_contrastive_loss(b, classes, 0.07, row_chunk=5)
+    whole.backward()
+    chunked.backward()
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_contrastive_loss_is_float32_under_half_inputs_and_stable_at_temperature_0_07():
     torch.manual_seed(0)
-    voxels = torch.randn(64, 16).half()
-    loss = supervised_contrastive_loss(voxels, torch.randint(0, 4, (64,)), torch.randn(8, 16).half(),
-                                       torch.arange(4).repeat_interleave(2), temperature=0.07)
+    features = torch.randn(72, 16).half()
+    loss = anchor_contrastive_loss(features, torch.randint(0, 4, (72,)), temperature=0.07)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-def test_contrastive_term_with_all_voxels_ignored_is_zero_and_connected():
+def _conv_heads(channels: list[int], embed_dim: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    from nnunetv2_tak.network import ContrastiveHeads
+
+    heads = ContrastiveHeads(nn.Conv3d, channels, embed_dim)
+    return heads.voxel, heads.text
+
+
+def test_contrastive_term_sums_its_stages_and_text_anchors_learn_without_voxels():
     torch.manual_seed(0)
-    heads_v = nn.ModuleList([nn.Linear(4, 4), nn.Linear(8, 8)])
-    heads_t = nn.ModuleList([nn.Linear(6, 4), nn.Linear(6, 8)])
+    heads_v, heads_t = _conv_heads([4, 8], 6)
     feats = [torch.randn(2, 4, 4, 4, 4, requires_grad=True), torch.randn(2, 8, 2, 2, 2, requires_grad=True)]
     embeddings = torch.randn(3, 2, 6)
-    ignored = torch.full((2, 1, 8, 8, 8), 3)  # all unconfident (label C)
+    ignored = torch.full((2, 1, 8, 8, 8), 3)  # all unconfident (label C): only the C*K text anchors remain
     loss = text_visual_contrastive_loss(feats, ignored, heads_v, heads_t, embeddings, (5, 2))
-    assert loss.item() == 0.0
-    loss.backward()  # still part of the graph (DDP needs that)
-    labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
-    loss = text_visual_contrastive_loss(feats, labels, heads_v, heads_t, embeddings, (5, 2))
     assert loss.item() > 0
-    loss.backward()
-    assert heads_t[1].weight.grad.abs().sum() > 0 and feats[1].grad.abs().sum() > 0
+    loss.backward()  # the voxel heads are still in the graph (DDP needs that)
+    assert heads_t[0][0].weight.grad.abs().sum() > 0
+    labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    generator = torch.Generator().manual_seed(1)
+    summed = text_visual_contrastive_loss(feats, labels, heads_v, heads_t, embeddings, (5, 2),
+                                          generator=generator)
+    generator = torch.Generator().manual_seed(1)
+    mean = text_visual_contrastive_loss(feats, labels, heads_v, heads_t, embeddings, (5, 2),
+                                        stage_reduction="mean", generator=generator)
+    assert summed.item() == pytest.approx(2 * mean.item(), rel=1e-6)  # the reference sums the stages
+    summed.backward()
+    assert heads_v[1][0].weight.grad.abs().sum() > 0 and feats[1].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="stage_reduction"):
+        text_visual_contrastive_loss(feats, labels, heads_v, heads_t, embeddings, (5, 2), stage_reduction="max")
 
 
-# --- gradient-aware CE --------------------------------------------------------------------------
-def test_gradient_aware_ce_starts_as_ce_and_then_boosts_the_rare_class():
-    torch.manual_seed(0)
-    target = torch.zeros(2, 1, 16, 16, dtype=torch.long)
-    target[:, :, :2, :2] = 1  # rare class: 8 of 512 voxels
-    logits = torch.randn(2, 2, 16, 16, requires_grad=True)
-    ga = GradientAwareCrossEntropy(num_classes=2)
-    loss = ga(logits, target)
-    torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, target[:, 0]))
+def test_contrastive_heads_have_the_reference_form():
+    heads_v, heads_t = _conv_heads([4], 6)
+    kinds = [type(m) for m in heads_v[0]]
+    assert kinds == [nn.Conv3d, nn.InstanceNorm3d, nn.ReLU, nn.Conv3d]
+    assert [type(m) for m in heads_t[0]] == [nn.Linear, nn.ReLU] and heads_t[0][0].out_features == 4
+
+
+# --- GALoss ---------------------------------------------------------------------------------------
+# 5 voxels, 3 classes: logits of each voxel and its label; CE by hand: log(1 + 2e^-2), log 3, log(e + 2),
+# log 3, log(e^3 + 2). The two largest (top 40% of 5) are voxel 4 (class 0) and voxel 2 (class 2).
+_GA_LOGITS = torch.tensor([[2.0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 3, 0]]).T.reshape(1, 3, 5)
+_GA_TARGET = torch.tensor([0, 0, 2, 0, 0]).reshape(1, 1, 5)
+
+
+def test_ga_cross_entropy_matches_a_hand_computed_case():
+    e = math.e
+    loss = ga_cross_entropy(_GA_LOGITS, _GA_TARGET, top_fraction=0.4, gamma=0.5)
+    # class 0 keeps one voxel (CE log(e^3 + 2)), class 2 one (log(e + 2)); M = 2
+    expected = (math.log(e ** 3 + 2) + math.log(e + 2)) / ((1 + 1e-6) ** 0.5 * 2 ** 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # gamma = 1: the mean of the kept CE; gamma = 0: the sum of per-class means
+    assert ga_cross_entropy(_GA_LOGITS, _GA_TARGET, 0.4, gamma=1.0).item() == pytest.approx(
+        (math.log(e ** 3 + 2) + math.log(e + 2)) / 2, rel=1e-5)
+    assert ga_cross_entropy(_GA_LOGITS, _GA_TARGET, 1.0, gamma=0.0).item() == pytest.approx(
+        (math.log(1 + 2 / e ** 2) + 2 * math.log(3) + math.log(e ** 3 + 2)) / 4 + math.log(e + 2), rel=1e-5)
+
+
+def test_ga_dice_matches_a_hand_computed_case_with_an_absent_class():
+    e = math.e
+    z = [(e ** 2 + 2), 3.0, (e + 2), 3.0, (e ** 3 + 2)]
+    p0 = [e ** 2 / z[0], 1 / 3, e / z[2], 1 / 3, 1 / z[4]]
+    p1 = [1 / z[0], 1 / 3, 1 / z[2], 1 / 3, e ** 3 / z[4]]
+    p2 = [1 / z[0], 1 / 3, 1 / z[2], 1 / 3, 1 / z[4]]
+    t0, t2 = [1, 1, 0, 1, 1], [0, 0, 1, 0, 0]
+    dice0 = 1 - 2 * sum(p * t for p, t in zip(p0, t0, strict=True)) / (sum(p * p for p in p0) + sum(t0))
+    dice2 = 1 - 2 * sum(p * t for p, t in zip(p2, t2, strict=True)) / (sum(p * p for p in p2) + sum(t2))
+    absent1 = sum(p * p for p in p1) / 5  # class 1 is absent from the target
+    logits = _GA_LOGITS.clone().requires_grad_(True)
+    loss = ga_dice_loss(logits, _GA_TARGET)
+    assert loss.item() == pytest.approx((dice0 + dice2 + absent1) / 3, rel=1e-6)
+    # the absent class's gradient is that of sum sg(p / N) * p, i.e. half of d(sum p^2 / N)
     loss.backward()
-    plain = logits.grad.clone()
-    ref = logits.detach().clone().requires_grad_(True)
-    nn.functional.cross_entropy(ref, target[:, 0]).backward()
-    torch.testing.assert_close(plain, ref.grad)  # first call: weights 1
-    assert ga.pos_grad[1] > 0 and ga.neg_grad[1] > ga.pos_grad[1]  # the rare class sees mostly negatives
-    r, q = ga.class_weights()
-    assert q[1] < q[0] and r[1] > r[0]  # its negatives damped, its positives boosted
-    logits.grad = None
-    (ga(logits, target) + logits.sum()).backward()  # another term on the same logits (Dice in nnU-Net)
-    rare = target[:, 0] == 1
-    ratio = (logits.grad - 1.0)[:, 1][rare] / ref.grad[:, 1][rare]  # only the CE part is re-weighted
-    torch.testing.assert_close(ratio, torch.full_like(ratio, float(r[1])), rtol=1e-3, atol=0)
+    ref = _GA_LOGITS.clone().requires_grad_(True)
+    probs = torch.softmax(ref, dim=1)[0]
+    onehot = torch.nn.functional.one_hot(_GA_TARGET[0, 0], 3).T.float()
+    d = 1 - 2 * (probs * onehot).sum(1) / ((probs * probs).sum(1) + onehot.sum(1))
+    ((d[0] + d[2] + 0.5 * (probs[1] ** 2).sum() / 5) / 3).backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_ga_loss_honours_the_ignore_label():
+    logits = torch.cat([_GA_LOGITS, torch.tensor([[[-9.0], [9.0], [0.0]]])], dim=2)  # a 6th, awful voxel ...
+    target = torch.cat([_GA_TARGET, torch.tensor([[[3]]])], dim=2)  # ... labelled ignore (3)
+    loss = GALoss(top_fraction=0.4, gamma=0.5, ignore_index=3)
+    expected = ga_cross_entropy(_GA_LOGITS, _GA_TARGET, 0.4, 0.5) + ga_dice_loss(_GA_LOGITS, _GA_TARGET)
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # --- DDP shards, few-label splits ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from conftest import DATASET_ID, nnunet_cli
 from test_trainer import new_trainer
 
 from nnunetv2_tak.cli.make_splits import main as make_splits_main
-from nnunetv2_tak.losses import GradientAwareCrossEntropy
+from nnunetv2_tak.losses import GADiceLoss, GALoss
 from nnunetv2_tak.network import unwrap_network
 from nnunetv2_tak.trainers import (
     PLANS_KEY,
@@ -114,7 +114,8 @@ class NoContrastiveDebug(nnUNetTrainerTAK_RandomText_Debug):
 
 
 class GALossDebug(nnUNetTrainerTAK_RandomText_Debug):
-    supervised_loss = "gradient_aware"
+    supervised_loss = "ga"
+    unsup_loss = "dice_ce_confident"
 
 
 @pytest.mark.parametrize("cls", [NoTextDebug, NoUnlabeledDebug, NoContrastiveDebug, GALossDebug])
@@ -140,8 +141,10 @@ def test_variants_train_a_step(nnunet_env, cls):
         if cls is NoContrastiveDebug:
             assert contrast_grad is None and out["tak_terms"][2] == 0
         if cls is GALossDebug:
-            ce = trainer.loss.loss.ce
-            assert isinstance(ce, GradientAwareCrossEntropy) and ce.neg_grad.sum() > 0
+            assert isinstance(trainer.loss.loss, GALoss)  # inside nnU-Net's deep-supervision wrapper
+            assert trainer.loss.weight_factors[0] > 0 and not isinstance(trainer.unsup_criterion, GADiceLoss)
+        else:
+            assert isinstance(trainer.unsup_criterion, GADiceLoss) or trainer.teacher is None
     finally:
         trainer.on_train_end()
 
@@ -171,3 +174,24 @@ def test_split_unlabeled_cases_train_with_their_labels_deleted(prepared_dataset,
     assert "TAK: 3 unlabeled case(s), 3 streamed by this process" in proc.stdout
     assert (tmp_path / "nnUNet_results" / prepared_dataset.name / "nnUNetTrainerTAK_RandomText_Debug__nnUNetPlans__"
             "3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+def test_ramps_follow_the_reference_schedule():
+    """Threshold over 100 of 160 epochs (62.5%), pseudo-label weight over all 160 (reference code)."""
+    import math
+    from types import SimpleNamespace
+
+    from nnunetv2_tak.teacher import sigmoid_rampup
+    from nnunetv2_tak.trainers import nnUNetTrainerTAK
+
+    knobs = {k: getattr(nnUNetTrainerTAK, k) for k in (
+        "entropy_rampup_fraction", "unsup_rampup_fraction", "unsup_weight", "contrastive_weight",
+        "contrastive_start_fraction", "entropy_threshold_base", "entropy_threshold_start", "use_unlabeled")}
+    trainer = SimpleNamespace(num_epochs=160, **knobs)
+    at_100 = nnUNetTrainerTAK.ssl_weights(trainer, 100)
+    assert at_100["threshold"] == pytest.approx(math.log(2))  # fully ramped at epoch 100
+    assert at_100["unsup"] == pytest.approx(0.1 * sigmoid_rampup(100, 160))  # still ramping
+    assert nnUNetTrainerTAK.ssl_weights(trainer, 50)["threshold"] == pytest.approx(
+        math.log(2) * (0.75 + 0.25 * math.exp(-5 * 0.5 ** 2)))
+    assert nnUNetTrainerTAK.ssl_weights(trainer, 19)["contrast"] == 0.0  # on after 12% (19.2 epochs)
+    assert nnUNetTrainerTAK.ssl_weights(trainer, 20)["contrast"] == pytest.approx(0.1)
