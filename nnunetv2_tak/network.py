@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 MAX_HEAD_CHUNKS = 32  # at most this many voxel chunks per output: bounded graph size under torch.compile
+TEXT_CENTERING = ("none", "center", "center_scale")
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,22 @@ class TextPriorConfig:
     chunk_voxels: int = 4096  # chunked, memory-lean head; 0 = plain autograd graph
     stable_controller: bool = True  # LayerNorm on the controller input + He-scaled dynamic parameters
     learned_embeddings: bool = False  # no-text ablation: E [C, K, D] is a trained parameter, not frozen text
+    # "none" | "center" | "center_scale": subtract the mean over classes of each prompt kind before the
+    # text MLP (and rescale to the original mean norm); see TextPriorHead.prepared_text_embeddings
+    text_centering: str = "none"
 
-    def to_dict(self) -> dict[str, int | bool]:
+    def __post_init__(self) -> None:
+        if self.text_centering not in TEXT_CENTERING:
+            raise ValueError(f"TextPriorConfig.text_centering must be one of {', '.join(TEXT_CENTERING)}, "
+                             f"not {self.text_centering!r} (trainer attribute text_prior or the plans' "
+                             "'tak_text_prior' entry)")
+
+    def to_dict(self) -> dict[str, int | bool | str]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, int | bool]) -> TextPriorConfig:
+    def from_dict(cls, values: Mapping[str, int | bool | str]) -> TextPriorConfig:
+        """Unknown keys are ignored; keys missing in older plans take their defaults."""
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     @property
@@ -165,9 +176,29 @@ class TextPriorHead(nn.Module):
     def num_classes(self) -> int:
         return self.text_embeddings.shape[0]
 
+    def prepared_text_embeddings(self) -> torch.Tensor:
+        """The embeddings the head (and the contrastive term) see: E [C, K, D], centred per prompt kind
+        when ``config.text_centering`` asks for it.
+
+        CLIP-style text embeddings of different classes share a large common component (mean pairwise
+        cosine ~0.7-0.8 on the AMOS prompts). "center" subtracts the mean over classes of each kind, which
+        keeps every pairwise difference E_a - E_b; "center_scale" then rescales each kind so that its mean
+        norm over classes is the original one. Computed from E on every call, so the checkpoint holds only
+        E and the setting (plans), and a learned E is centred the same way."""
+        e = self.text_embeddings
+        mode = self.config.text_centering
+        if mode == "none":
+            return e
+        centred = e - e.mean(dim=0, keepdim=True)  # [C, K, D]
+        if mode == "center_scale":
+            original = e.norm(dim=-1).mean(dim=0)  # [K]
+            current = centred.norm(dim=-1).mean(dim=0).clamp_min(torch.finfo(e.dtype).eps)
+            centred = centred * (original / current)[None, :, None]
+        return centred
+
     def text_features(self) -> torch.Tensor:
-        """E [C, K, D] -> per-class text feature [C, hidden]."""
-        per_kind = self.kind_mlp(self.text_embeddings)  # [C, K, hidden]
+        """E [C, K, D] (prepared) -> per-class text feature [C, hidden]."""
+        per_kind = self.kind_mlp(self.prepared_text_embeddings())  # [C, K, hidden]
         return self.text_fuse(per_kind.flatten(1))
 
     def image_features(self, deep_skips: list[torch.Tensor]) -> torch.Tensor:

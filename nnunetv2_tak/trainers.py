@@ -68,6 +68,7 @@ __all__ = [
     "PLANS_KEY",
     "SSLSettingsError",
     "nnUNetTrainerTAK",
+    "nnUNetTrainerTAK_CenteredText",
     "nnUNetTrainerTAK_Debug",
     "nnUNetTrainerTAK_GALoss",
     "nnUNetTrainerTAK_GALoss_Quick",
@@ -648,3 +649,11 @@ class nnUNetTrainerTAK_TextPriorOnly_Debug(_Debug, nnUNetTrainerTAK_TextPriorOnl
 
 class nnUNetTrainerTAK_GALoss_Quick(_Quick, nnUNetTrainerTAK_GALoss):
     pass
+
+
+class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
+    """Text centred across classes per prompt kind and rescaled to its mean norm before the text MLP
+    (TextPriorConfig.text_centering = "center_scale"): the head sees how organs differ, not the common
+    component CLIP-style embeddings share. Stored in the plans, so the predictor rebuilds it."""
+
+    text_prior = TextPriorConfig(text_centering="center_scale")
