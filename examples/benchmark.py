@@ -57,6 +57,7 @@ METHODS = {
     "tak_randomtext": ("nnUNetTrainerTAK_RandomText_Bench", "few"),
     "tak_nocontrastive": ("nnUNetTrainerTAK_NoContrastive_Bench", "few"),
     "tak_nounlabeled": ("nnUNetTrainerTAK_NoUnlabeled_Bench", "few"),
+    "tak_unsup_dicece": ("nnUNetTrainerTAK_ConfidentDiceCE_Bench", "few"),  # pseudo-label loss alternative
 }
 PROFILES = {  # cohort shape/spacing, network width (None: as planned), batch, epochs of 25 iterations, device
     "cpu": {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0), "features": (8, 64), "batch": 2, "epochs": 40,

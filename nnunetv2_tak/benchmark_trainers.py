@@ -32,6 +32,7 @@ from nnunetv2_tak.trainers import (
 
 __all__ = [
     "nnUNetTrainerTAK_Bench",
+    "nnUNetTrainerTAK_ConfidentDiceCE_Bench",
     "nnUNetTrainerTAK_NoContrastive_Bench",
     "nnUNetTrainerTAK_NoText_Bench",
     "nnUNetTrainerTAK_NoUnlabeled_Bench",
@@ -96,3 +97,10 @@ class nnUNetTrainerTAK_NoContrastive_Bench(BenchSchedule, nnUNetTrainerTAK_NoCon
 
 class nnUNetTrainerTAK_NoUnlabeled_Bench(BenchSchedule, nnUNetTrainerTAK_NoUnlabeled):
     pass
+
+
+class nnUNetTrainerTAK_ConfidentDiceCE_Bench(nnUNetTrainerTAK_Bench):
+    """Issue 9's alternative pseudo-label loss: nnU-Net Dice+CE on confident voxels only (the default is
+    the reference's GADice on every voxel)."""
+
+    unsup_loss = "dice_ce_confident"

@@ -421,8 +421,8 @@ class nnUNetTrainerTAK(nnUNetTrainer):
                     deep = [f[:labels.shape[0]] for f in deep]
                 contrast = text_visual_contrastive_loss(
                     deep, labels, network.contrast.voxel, network.contrast.text,
-                    network.text_prior.text_embeddings, self.contrastive_anchors, self.contrastive_temperature,
-                    self.contrastive_stage_reduction)
+                    network.text_prior.prepared_text_embeddings(), self.contrastive_anchors,
+                    self.contrastive_temperature, self.contrastive_stage_reduction)
                 loss = loss + weights["contrast"] * contrast
             elif self.is_ddp:  # DDP needs every parameter in the graph
                 loss = loss + 0.0 * sum(p.sum() for p in network.contrast.parameters())
