@@ -9,7 +9,7 @@ nnU-Net's intensity augmentations only (noise, blur, brightness, contrast, low r
 spatial transform, no mirroring), applied identically to the baseline and to every variant, labeled
 and unlabeled stream alike. In 1,000 iterations with lr 1e-3 the fully supervised reference segmented
 none of the small organs but the aorta; with 3e-3 it also reached the gallbladder, esophagus, IVC,
-pancreas and an adrenal gland (validation pseudo-Dice; README, "Evidence benchmark").
+pancreas and an adrenal gland (validation pseudo-Dice; examples/EVIDENCE.md, "Evidence benchmark").
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ class BenchSchedule:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("TAK_BENCH_EPOCHS", self.bench_epochs))  # benchmark.py --epochs
+        epochs = os.environ.get(self.epochs_env_var) if self.epochs_env_var else None
+        self.num_epochs = int(epochs or self.bench_epochs)
         self.num_iterations_per_epoch = self.bench_iterations
         self.num_val_iterations_per_epoch = 5
         self.initial_lr = self.bench_learning_rate
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=3e-5)
+    epochs_env_var: ClassVar[str | None] = "TAK_BENCH_EPOCHS"  # benchmark.py --epochs; None: fixed epochs
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -5,4 +5,5 @@ picklable after nnU-Net removes this shim module from ``sys.modules``.
 """
 
 from nnunetv2_tak.benchmark_trainers import *
+from nnunetv2_tak.demo_trainers import *
 from nnunetv2_tak.trainers import *

@@ -1,0 +1,34 @@
+"""The quickstart's trainer: TAK with a CPU demo schedule (examples/quickstart.py).
+
+This is a demonstration schedule sized for a laptop CPU, not nnU-Net's recipe: AdamW with poly decay
+and nnU-Net's intensity augmentations only (the evidence benchmark's ``BenchSchedule``), on a short
+budget. ``nnUNetTrainerTAK`` itself keeps nnU-Net's schedule (SGD, 1000 x 250 iterations, full
+augmentation); use it, not this variant, on real data. The budget was chosen on the validation split
+(fold 0) of the quickstart cohort, never on its held-out test scans (examples/EVIDENCE.md,
+"Quickstart schedule").
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from nnunetv2_tak.benchmark_trainers import BenchSchedule
+from nnunetv2_tak.trainers import nnUNetTrainerTAK
+
+__all__ = ["nnUNetTrainerTAK_CPUDemo"]
+
+
+class CPUDemoSchedule(BenchSchedule):
+    """Mixin: the quickstart's CPU demo schedule (AdamW + poly decay, intensity-only augmentation)."""
+
+    bench_epochs: ClassVar[int] = 16
+    bench_iterations: ClassVar[int] = 25
+    bench_learning_rate: ClassVar[float] = 3e-3
+    epochs_env_var: ClassVar[str | None] = None  # the demo's budget is fixed
+
+
+class nnUNetTrainerTAK_CPUDemo(CPUDemoSchedule, nnUNetTrainerTAK):
+    """TAK (text-prior head, unlabeled stream, EMA teacher, contrastive term) on the CPU demo schedule.
+    Accepts text encoded with random open_clip weights, which the offline quickstart uses."""
+
+    allow_random_text_encoder = True
