@@ -48,6 +48,7 @@ class BenchSchedule:
     bench_epochs: ClassVar[int] = 40
     bench_iterations: ClassVar[int] = 25
     bench_learning_rate: ClassVar[float] = 3e-3
+    epochs_env_var: ClassVar[str | None] = "TAK_BENCH_EPOCHS"  # benchmark.py --epochs; None: fixed epochs
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -60,7 +61,6 @@ class BenchSchedule:
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=3e-5)
-    epochs_env_var: ClassVar[str | None] = "TAK_BENCH_EPOCHS"  # benchmark.py --epochs; None: fixed epochs
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
