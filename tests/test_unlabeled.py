@@ -3,6 +3,7 @@ stale preprocessing is detected and never overwritten in place, images load with
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import blosc2
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunetv2_tak.cli.make_splits import main as make_splits_main
 from nnunetv2_tak.cli.preprocess_unlabeled import main as preprocess_main
@@ -19,6 +21,7 @@ from nnunetv2_tak.unlabeled import (
     UNLABELED_DIR,
     ImageOnlyDataset,
     UnlabeledDataError,
+    check_image_file,
     find_unlabeled_images,
     preprocess_unlabeled,
 )
@@ -116,6 +119,59 @@ def test_unreadable_image_is_named_and_earlier_work_is_kept(scratch):
         preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
     assert (folder / "good.b2nd").is_file()
     assert "good" in json.loads((folder / MANIFEST).read_text())["cases"]
+
+
+@pytest.mark.parametrize("cut", ["half", "200 bytes"])
+def test_truncated_nifti_is_named_before_preprocessing_and_other_cases_are_kept(scratch, cut):
+    raw, base, plans, data = scratch
+    _copy_training_image(data, raw, "case_0000", "good")
+    folder, _ = preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    whole = (data.raw / "imagesTr" / "case_0001_0000.nii.gz").read_bytes()
+    (raw / UNLABELED_DIR / "cut_0000.nii.gz").write_bytes(whole[:len(whole) // 2] if cut == "half" else whole[:200])
+    _copy_training_image(data, raw, "case_0002", "zlater")  # processed after the bad case, and kept
+    with pytest.raises(UnlabeledDataError, match=r"1 unlabeled case\(s\) could not be preprocessed \(2 of 3 are done"
+                                                 r"(.|\n)*cut_0000\.nii\.gz is truncated or corrupt"):
+        preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    assert sorted(json.loads((folder / MANIFEST).read_text())["cases"]) == ["good", "zlater"]
+    assert (folder / "zlater.b2nd").is_file() and not (folder / "cut.b2nd").exists()
+
+
+def _small_image(tmp_path: Path, name: str, array: np.ndarray) -> Path:
+    image = sitk.GetImageFromArray(array, isVector=False)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_header_announcing_more_voxels_than_stored_is_named(tmp_path):
+    """The stream may end properly and still hold too few bytes (a cut .nii, compressed again or not)."""
+    dataset_json = {"channel_names": {"0": "CT"}, "file_ending": ".nii"}
+    path = _small_image(tmp_path, "x_0000.nii", np.ones((4, 5, 6), np.int16))
+    check_image_file(path, dataset_json)  # complete: passes
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UnlabeledDataError, match=r"x_0000\.nii is truncated: its header announces 6 x 5 x 4 "
+                                                 r"voxels of 16 bits after a 352-byte header \(592 bytes\), the "
+                                                 r"file holds 582"):
+        check_image_file(path, dataset_json)
+    gz = tmp_path / "x_0000.nii.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(UnlabeledDataError, match=r"holds 582 once decompressed"):
+        check_image_file(gz, {**dataset_json, "file_ending": ".nii.gz"})
+    gz.write_bytes(gz.read_bytes()[:60])
+    with pytest.raises(UnlabeledDataError, match=r"x_0000\.nii\.gz is truncated or corrupt"):
+        check_image_file(gz, {**dataset_json, "file_ending": ".nii.gz"})
+
+
+def test_channels_stacked_in_one_4d_file_are_explained(scratch):
+    raw, base, plans, data = scratch
+    one = sitk.GetArrayFromImage(sitk.ReadImage(str(data.raw / "imagesTr" / "case_0000_0000.nii.gz")))
+    _small_image(raw / UNLABELED_DIR, "two_0000.nii.gz", np.stack([one, one]))  # [2, z, y, x]: 2 channels
+    with pytest.raises(UnlabeledDataError) as info:
+        preprocess_unlabeled(raw, base, plans, "3d_fullres", data.dataset_json(), progress=False)
+    message = str(info.value)
+    assert "two_0000.nii.gz has 4 dimensions" in message and "2 channels or time points in one file" in message
+    assert "one 3D file per channel (two_0000.nii.gz, two_0001.nii.gz, ...)" in message
+    assert "this dataset has 1 channel(s) {'0': 'CT'}" in message and "IndexError" not in message
 
 
 def test_image_only_dataset_never_needs_labels_or_properties(prepared_dataset, tmp_path):
