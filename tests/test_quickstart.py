@@ -95,9 +95,12 @@ def test_cpu_demo_trainer_is_found_by_nnunet_with_its_own_fixed_schedule(nnunet_
     assert found is nnUNetTrainerTAK_CPUDemo and issubclass(found, (BenchSchedule, nnUNetTrainerTAK))
     assert found.allow_random_text_encoder and not nnUNetTrainerTAK.allow_random_text_encoder
     monkeypatch.setenv("TAK_BENCH_EPOCHS", "3")  # the benchmark's override does not touch the demo
-    plans = json.loads((nnunet_env.preprocessed / "nnUNetPlans.json").read_text())
-    demo = found(plans, "3d_fullres", 0, nnunet_env.dataset_json(), torch.device("cpu"))
+
+    def plans() -> dict:  # nnU-Net's run_training adds continue_training before building a trainer
+        return {**json.loads((nnunet_env.preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
+
+    demo = found(plans(), "3d_fullres", 0, nnunet_env.dataset_json(), torch.device("cpu"))
     assert (demo.num_epochs, demo.num_iterations_per_epoch, demo.initial_lr) == (
         found.bench_epochs, found.bench_iterations, found.bench_learning_rate)
-    stock = nnUNetTrainerTAK(plans, "3d_fullres", 0, nnunet_env.dataset_json(), torch.device("cpu"))
+    stock = nnUNetTrainerTAK(plans(), "3d_fullres", 0, nnunet_env.dataset_json(), torch.device("cpu"))
     assert (stock.num_epochs, stock.num_iterations_per_epoch, stock.initial_lr) == (1000, 250, 1e-2)
