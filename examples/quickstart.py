@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     run("nnUNetv2_evaluate_folder", str(dataset / "labelsTs"), str(pred), "-djfile", str(model / "dataset.json"),
         "-pfile", str(model / "plans.json"), "-np", "1")
     minutes = (time.time() - started) / 60
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_minutes = (children.ru_utime + children.ru_stime) / 60  # every finished step, workers included
 
     names = {int(v): k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
     summary = json.loads((pred / "summary.json").read_text())
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "=" * 78)
     print(table)
     print(f"\nTEXT SOURCE: {source}")
-    print(f"main job wall time: {minutes:.1f} min")
+    print(f"main job wall time: {minutes:.1f} min (CPU time of its steps: {cpu_minutes:.1f} min; a wall time far "
+          "above CPU time / number of cores means other programs shared the cores)")
     print(f"\nmodel:          {model}")
     print(f"progress plot:  {model / f'fold_{FOLD}' / 'progress.png'}")
     print(f"training log:   {model / f'fold_{FOLD}'} (training_log_*.txt; validation in validation/summary.json)")
