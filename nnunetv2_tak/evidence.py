@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,7 +49,8 @@ def group_statistic(values: np.ndarray, organs: Sequence[int] | None = None) -> 
     skipped at both levels; NaN where no organ has a value."""
     if organs is not None:
         values = values[..., list(organs)]
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 'Mean of empty slice': an all-NaN organ is expected
         per_organ = np.nanmean(values, axis=-2)  # [..., K]
         return np.nanmean(per_organ, axis=-1)
 
@@ -172,16 +174,3 @@ def dice_from_counts(counts: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         return np.where(pred + true > 0, 2.0 * inter / (pred + true), np.nan)
 
-
-class _quiet_nan_warnings:
-    """Silence numpy's 'Mean of empty slice' RuntimeWarning (an all-NaN column is expected here)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
