@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-CONTRAST_ROW_CHUNK = 1024  # rows of the [N, N] similarity matrix materialised at once (bounded memory)
+CONTRAST_BLOCK_ELEMENTS = 1 << 23  # entries of the [rows, N] similarity block materialised at once (32 MB)
 _MASKED = -1.0e4  # a "minus infinity" that keeps logsumexp's gradient finite (|s| <= 1 / temperature)
 
 
@@ -68,17 +68,19 @@ def _contrastive_rows(rows: torch.Tensor, row_classes: torch.Tensor, row_index: 
 
 
 def anchor_contrastive_loss(features: torch.Tensor, classes: torch.Tensor, temperature: float = 0.07,
-                            row_chunk: int = CONTRAST_ROW_CHUNK) -> torch.Tensor:
+                            block_elements: int = CONTRAST_BLOCK_ELEMENTS) -> torch.Tensor:
     """TAK's contrastive loss over one stage's anchors (voxel and text anchors alike), in float32.
 
     features [N, d], classes [N]. With s_ab = cos(a, b) / temperature, P(i) the other anchors of i's
     class and N(i) the anchors of every other class:
     loss_i = -1 / (|P(i)| + 1e-5) * sum_{p in P(i)} [s_ip - log(exp(s_ip) + sum_{n in N(i)} exp(s_in))]
     (each positive against the negatives only; unlike SupCon, other positives are not in the
-    denominator). Returns the mean over all N rows. Rows are processed ``row_chunk`` at a time with
-    activation checkpointing, so memory is O(row_chunk * N) however many classes there are.
+    denominator). Returns the mean over all N rows. When N * N exceeds ``block_elements`` (many classes),
+    rows are processed in blocks of block_elements / N with activation checkpointing, so memory stays
+    O(block_elements) however many classes there are; below it, one block and no recomputation.
     """
     n = features.shape[0]
+    row_chunk = max(1, block_elements // max(n, 1))
     with torch.autocast(device_type=features.device.type, enabled=False):  # exp(s / 0.07) overflows fp16
         anchors = F.normalize(features.float(), dim=1)
         index = torch.arange(n, device=features.device)
