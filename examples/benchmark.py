@@ -16,7 +16,19 @@ Protocol (all through the stock nnU-Net commands):
      stock ``nnUNetv2_predict`` and evaluate per class on the original image grid: Dice, NSD at
      ``--nsd-mm`` and HD95 in mm;
   6. print and save per-class tables (CSV and Markdown), means over all organs and over the large
-     and small organs (by median volume in the test labels), and a bar plot per class and method.
+     and small organs (by median volume in the test labels), and a bar plot per class and method;
+  7. paired differences between methods (TAK - stock, TAK - each ablation, centred text - TAK) on the
+     mean, the small-organ mean and each organ, with a bootstrap 95% interval over (seed, test case)
+     pairs that both methods have (nnunetv2_tak.evidence), the fraction of the stock-to-reference gap
+     closed, and per method and seed the organs stuck at 0 Dice;
+  8. pseudo-label quality over training: the TAK benchmark trainers keep the EMA teacher's weights every
+     5 epochs; after training, each snapshot predicts the unlabeled pool cases of the few-label split
+     (nnU-Net's sliding-window predictor on the preprocessed case) and its argmax is scored per class
+     against those cases' labels, which training never read (pseudo_label_quality.csv/.png).
+
+With ``--reference-epochs N`` the fully supervised reference trains N epochs (its own results folder,
+trainer nnUNetTrainer_BenchReference) instead of the shared budget, so that it is an upper bound; the
+report says so.
 
 Profiles: "cpu" (default; about 87 minutes on 2 CPU cores for the five default methods and one seed):
 a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
@@ -57,8 +69,15 @@ METHODS = {
     "tak_randomtext": ("nnUNetTrainerTAK_RandomText_Bench", "few"),
     "tak_nocontrastive": ("nnUNetTrainerTAK_NoContrastive_Bench", "few"),
     "tak_nounlabeled": ("nnUNetTrainerTAK_NoUnlabeled_Bench", "few"),
+    "tak_centredtext": ("nnUNetTrainerTAK_CenteredText_Bench", "few"),  # text centred across classes
     "tak_unsup_dicece": ("nnUNetTrainerTAK_ConfidentDiceCE_Bench", "few"),  # pseudo-label loss alternative
 }
+REFERENCE_LONG = "nnUNetTrainer_BenchReference"  # the reference with --reference-epochs
+# paired differences reported (a - b), where both methods have results
+COMPARISONS = [("tak", "stock"), ("tak", "tak_notext"), ("tak", "tak_randomtext"), ("tak", "tak_nounlabeled"),
+               ("tak", "tak_nocontrastive"), ("tak_centredtext", "tak"), ("tak_centredtext", "tak_notext"),
+               ("tak_centredtext", "stock"), ("tak_unsup_dicece", "tak")]
+STUCK_DICE = 0.01  # an organ whose test mean Dice is below this is "stuck at 0"
 PROFILES = {  # cohort shape/spacing, network width (None: as planned), batch, epochs of 25 iterations, device
     "cpu": {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0), "features": (8, 64), "batch": 2, "epochs": 40,
             "device": "cpu"},
@@ -117,25 +136,87 @@ def write_splits(pre: Path, pool: list[str], args: argparse.Namespace) -> None:
     (pre / "splits_final.json").write_text(json.dumps(splits, indent=1))
 
 
-def evaluate(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float) -> dict[int, dict[str, float]]:
-    """Mean over test cases per label of Dice / NSD / HD95 (NaN where a class is absent from both)."""
+def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float
+                   ) -> dict[str, dict[int, dict[str, float]]]:
+    """Per test case (file name without .nii.gz) and label: Dice / NSD / HD95 (NaN where a class is
+    absent from both)."""
     import SimpleITK as sitk
 
     from nnunetv2_tak.metrics import case_metrics
 
-    per_label: dict[int, dict[str, list[float]]] = {k: {"dice": [], "nsd": [], "hd95": []} for k in labels}
+    cases: dict[str, dict[int, dict[str, float]]] = {}
     for gt_file in sorted(gt_dir.glob("*.nii.gz")):
         gt_img = sitk.ReadImage(str(gt_file))
-        pred_img = sitk.ReadImage(str(pred_dir / gt_file.name))
+        pred_file = pred_dir / gt_file.name
+        if not pred_file.is_file():
+            raise SystemExit(f"no prediction {pred_file} for the test label {gt_file}; re-run the prediction")
         spacing = tuple(reversed(gt_img.GetSpacing()))
-        gt, pred = sitk.GetArrayFromImage(gt_img), sitk.GetArrayFromImage(pred_img)
-        for label, m in case_metrics(pred, gt, spacing, list(labels), tolerance).items():
-            per_label[label]["dice"].append(m.dice)
-            per_label[label]["nsd"].append(m.nsd)
-            per_label[label]["hd95"].append(m.hd95)
-    with np.errstate(all="ignore"):
-        return {k: {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                    for name, v in vals.items()} for k, vals in per_label.items()}
+        gt, pred = sitk.GetArrayFromImage(gt_img), sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))
+        cases[gt_file.name[:-len(".nii.gz")]] = {
+            label: {"dice": m.dice, "nsd": m.nsd, "hd95": m.hd95}
+            for label, m in case_metrics(pred, gt, spacing, list(labels), tolerance).items()}
+    return cases
+
+
+def mean_over_cases(cases: dict[str, dict[int, dict[str, float]]], labels: dict[int, str]
+                    ) -> dict[int, dict[str, float]]:
+    """Per label, the mean over cases of each metric (NaN where no case has a value)."""
+    out = {}
+    for k in labels:
+        out[k] = {}
+        for name in ("dice", "nsd", "hd95"):
+            values = [c[k][name] for c in cases.values()]
+            with np.errstate(all="ignore"):
+                out[k][name] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return out
+
+
+def evaluate(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float) -> dict[int, dict[str, float]]:
+    """Mean over test cases per label of Dice / NSD / HD95 (NaN where a class is absent from both)."""
+    return mean_over_cases(evaluate_cases(pred_dir, gt_dir, labels, tolerance), labels)
+
+
+def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folder: Path, num_classes: int,
+                         device: str, cache: Path | None = None) -> list[dict]:
+    """Score every teacher snapshot of a finished training on labeled preprocessed cases.
+
+    The training folder's plans and trainer rebuild the network (nnU-Net's predictor), each snapshot's
+    teacher weights are loaded, and its argmax from nnU-Net's sliding window (no mirroring) on each
+    preprocessed case [c, *S] is compared with the case's preprocessed labels. Returns, per snapshot,
+    {"epoch", "counts" [3, num_classes] (intersection, predicted, true voxels over all cases)}. With
+    ``cache`` (a JSON file) snapshots already scored on the same cases are not predicted again."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunetv2_tak.benchmark_trainers import teacher_snapshots
+    from nnunetv2_tak.evidence import overlap_counts
+
+    snapshots = teacher_snapshots(fold_dir)
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if known.get("cases") != cases:
+        known = {"cases": cases, "snapshots": {}}
+    todo = [(e, p) for e, p in snapshots
+            if known["snapshots"].get(str(e), {}).get("mtime_ns") != p.stat().st_mtime_ns]
+    if todo:
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(fold,),
+                                                       checkpoint_name="checkpoint_final.pth")
+        dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
+        loaded = [dataset.load_case(case)[:2] for case in cases]
+        for epoch, path in todo:
+            predictor.network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["teacher"])
+            counts = np.zeros((3, num_classes))
+            for data, seg in loaded:
+                logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data)).float())
+                counts += overlap_counts(logits.argmax(0).cpu().numpy(), np.asarray(seg)[0], num_classes)
+            known["snapshots"][str(epoch)] = {"mtime_ns": path.stat().st_mtime_ns, "counts": counts.tolist()}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+    return [{"epoch": e, "counts": known["snapshots"][str(e)]["counts"]} for e, _ in snapshots]
 
 
 def training_stats(fold_dir: Path) -> dict[str, float]:
@@ -177,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=2)
     p.add_argument("--test", type=int, default=6)
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs (x 25 iterations)")
+    p.add_argument("--reference-epochs", type=int, default=None,
+                   help="train the fully supervised reference this many epochs instead of the shared budget "
+                        "(own results folder; said in the report)")
+    p.add_argument("--no-pseudo-label-quality", action="store_true",
+                   help="skip scoring the teacher snapshots on the unlabeled pool cases after training")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples of the intervals")
     p.add_argument("--nsd-mm", type=float, default=6.0, help="NSD tolerance in mm (default: one in-plane voxel "
                                                               "of the CPU profile)")
     p.add_argument("--small-ml", type=float, default=100.0, help="organs with median volume below are 'small'")
@@ -189,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     use_workspace(work)  # nnU-Net folders inside work/, CPU-friendly defaults
     profile = PROFILES[args.profile]
-    os.environ["TAK_BENCH_EPOCHS"] = str(args.epochs or profile["epochs"])
+    epochs = args.epochs or profile["epochs"]
+    os.environ["TAK_BENCH_EPOCHS"] = str(epochs)
+    reference_epochs = args.reference_epochs or epochs
+    os.environ["TAK_BENCH_REFERENCE_EPOCHS"] = str(reference_epochs)
     from nnunetv2.utilities.file_path_utilities import get_output_folder  # reads nnUNet_results at import
 
     started = time.time()
@@ -199,16 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     labels = {int(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
     pool = sorted(f.name[:-len("_0000.nii.gz")] for f in (dataset / "imagesTr").glob("*_0000.nii.gz"))
     write_splits(pre, pool, args)
+    splits = json.loads((pre / "splits_final.json").read_text())
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    data_folder = pre / plans["configurations"]["3d_fullres"]["data_identifier"]
     large, small = organ_groups(dataset / "labelsTs", labels, args.small_ml)
+    n_test = len(list((dataset / "labelsTs").glob("*.nii.gz")))
 
-    rows, costs = [], []
+    rows, case_rows, costs, pl_quality = [], [], [], {}
     for seed in args.seeds:
         for method in args.methods:
             trainer, kind = METHODS[method]
+            expected_epochs = epochs
+            if kind == "reference" and reference_epochs != epochs:
+                trainer, expected_epochs = REFERENCE_LONG, reference_epochs
             fold = 2 * seed + (1 if kind == "reference" else 0)
             tag = f"{method}_seed{seed}"
             output = Path(get_output_folder(DATASET_ID, trainer, "nnUNetPlans", "3d_fullres", fold))
             if args.reuse and (output / "checkpoint_final.pth").is_file():
+                trained = training_stats(output)["epochs"]
+                if trained != expected_epochs:
+                    raise SystemExit(f"{tag}: the finished training in {output} ran {trained} epochs but this run "
+                                     f"asks for {expected_epochs}; pass the settings it was trained with "
+                                     "(--epochs/--reference-epochs) or move that folder away to train anew")
                 print(f"{tag}: reusing the finished training in {output}", flush=True)
                 train_s = float("nan")
             else:
@@ -219,29 +321,45 @@ def main(argv: list[str] | None = None) -> int:
                             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", trainer, "-chk",
                             "checkpoint_final.pth", "-device", profile["device"], "--disable_tta", "-npp", "1",
                             "-nps", "1", log=work / "logs" / f"predict_{tag}.txt")
-            scores = evaluate(pred, dataset / "labelsTs", labels, args.nsd_mm)
+            per_case = evaluate_cases(pred, dataset / "labelsTs", labels, args.nsd_mm)
+            scores = mean_over_cases(per_case, labels)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
+            case_rows += [{"method": method, "seed": seed, "case": case, "label": label, **metric}
+                          for case, per_label in per_case.items() for label, metric in per_label.items()]
+            if kind == "few" and not args.no_pseudo_label_quality:
+                from nnunetv2_tak.benchmark_trainers import teacher_snapshots
+
+                if teacher_snapshots(output):
+                    pl_quality[(method, seed)] = pseudo_label_quality(
+                        output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
+                        profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json")
             costs.append({"method": method, "seed": seed, "train_min": train_s / 60, "predict_s": predict_s,
                           **training_stats(output)})
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
                   f"{np.nanmean([s['dice'] for s in scores.values()]):.3f}", flush=True)
-            write_report(work, rows, costs, labels, large, small, args)
+            write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
+                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs)
     print(f"\ntotal wall time {(time.time() - started) / 60:.1f} min; report in {work / 'report'}")
     return 0
 
 
 def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[int, str], large: list[int],
-                 small: list[int], args: argparse.Namespace) -> None:
-    """CSV of every (method, seed, organ) and of the costs; Markdown table of per-organ means (spread over
-    seeds) and of the cost ratios to the stock trainer; plot."""
+                 small: list[int], args: argparse.Namespace, *, n_test: int, case_rows: list[dict] | None = None,
+                 pl_quality: dict[tuple[str, int], list[dict]] | None = None, epochs: int | None = None,
+                 reference_epochs: int | None = None) -> None:
+    """CSV of every (method, seed, organ), of every (method, seed, case, organ) and of the costs; Markdown
+    tables of per-organ means (spread over seeds), organs stuck at 0, paired differences with bootstrap
+    intervals, fraction of the gap closed, pseudo-label quality and the cost ratios to the stock trainer;
+    plots."""
     out = work / "report"
     out.mkdir(exist_ok=True)
-    for name, table in (("per_class.csv", rows), ("cost.csv", costs)):
-        with open(out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    for name, table in (("per_class.csv", rows), ("per_case.csv", case_rows or []), ("cost.csv", costs)):
+        if table:
+            with open(out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
     def cell(method: str, group: list[int], metric: str) -> str:
@@ -257,20 +375,222 @@ def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[i
         spread = f" ± {np.std(finite):.{digits}f}" if len(finite) > 1 else ""
         return f"{np.mean(finite):.{digits}f}{spread}"
 
-    lines = [f"Seeds {args.seeds}; test set {args.test} scans; NSD tolerance {args.nsd_mm} mm; small organs "
-             f"(median volume < {args.small_ml} ml): {', '.join(labels[k] for k in small)}.", ""]
+    seeds_per_method = "; ".join(f"{m}: {sorted({r['seed'] for r in rows if r['method'] == m})}" for m in methods)
+    lines = [f"Seeds per method: {seeds_per_method}. Test set: {n_test} scans (labelsTs). NSD tolerance "
+             f"{args.nsd_mm} mm. Values: mean over test scans, then mean ± std over seeds.", ""]
+    if epochs is not None:
+        schedule = f"Schedule: {epochs} epochs x 25 iterations for every method"
+        if reference_epochs is not None and reference_epochs != epochs and "reference" in methods:
+            schedule += (f", except the fully supervised reference: {reference_epochs} epochs (a longer schedule, "
+                         "so that it is an upper bound; it is not a competitor at the shared budget)")
+        lines += [schedule + ".", ""]
+    groups = (f"Large organs (median test volume >= {args.small_ml} ml): {', '.join(labels[k] for k in large)}. "
+              f"Small organs (< {args.small_ml} ml): {', '.join(labels[k] for k in small)}.")
     for metric, title in (("dice", "Dice"), ("nsd", f"NSD@{args.nsd_mm}mm"), ("hd95", "HD95 [mm]")):
-        lines += [f"### {title}", "", "| organ | " + " | ".join(methods) + " |",
+        lines += [f"### {title}", "", groups, "", "| organ | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
         for label, name in labels.items():
             lines.append(f"| {name} | " + " | ".join(cell(m, [label], metric) for m in methods) + " |")
         for group, gname in ((list(labels), "**mean**"), (large, "**large organs**"), (small, "**small organs**")):
             lines.append(f"| {gname} | " + " | ".join(cell(m, group, metric) for m in methods) + " |")
         lines.append("")
+    lines += stuck_table(rows, labels)
+    if case_rows:
+        lines += evidence_section(case_rows, labels, large, small, args.bootstrap)
+    if pl_quality:
+        lines += pseudo_label_section(out, pl_quality, labels, large, small)
     lines += cost_table(costs)
     (out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines[:len(labels) + 9] + cost_table(costs)))
+    print("\n".join(lines))
     _plot(out, rows, labels, methods)
+
+
+def stuck_table(rows: list[dict], labels: dict[int, str]) -> list[str]:
+    """Markdown lines: per method and seed, the organs whose test mean Dice is below STUCK_DICE."""
+    from nnunetv2_tak.evidence import stuck_organs
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"### Organs stuck at 0 Dice (test mean < {STUCK_DICE})", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for m in methods:
+        cells = []
+        for seed in seeds:
+            dice = {r["label"]: r["dice"] for r in rows if r["method"] == m and r["seed"] == seed}
+            cells.append(", ".join(labels[k] for k in stuck_organs(dice, STUCK_DICE)) or "none" if dice else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _dice_units(case_rows: list[dict], method: str, labels: dict[int, str]) -> dict[tuple[int, str], np.ndarray]:
+    """(seed, case) -> Dice [K] in label order, for one method."""
+    order = {k: i for i, k in enumerate(labels)}
+    units: dict[tuple[int, str], np.ndarray] = {}
+    for r in case_rows:
+        if r["method"] == method:
+            units.setdefault((r["seed"], r["case"]), np.full(len(labels), np.nan))[order[r["label"]]] = r["dice"]
+    return units
+
+
+def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[int], small: list[int],
+                     resamples: int) -> list[str]:
+    """Markdown lines: paired differences of COMPARISONS with bootstrap 95% intervals over (seed, case)
+    pairs (and with seeds resampled as clusters), in words and per organ; fraction of the gap closed."""
+    from nnunetv2_tak.evidence import gap_fraction, paired_difference
+
+    present = list(dict.fromkeys(r["method"] for r in case_rows))
+    units = {m: _dice_units(case_rows, m, labels) for m in present}
+    index = {k: i for i, k in enumerate(labels)}
+    groups = [("the mean", list(range(len(labels)))), ("large organs", [index[k] for k in large]),
+              ("small organs", [index[k] for k in small])]
+
+    def paired(methods: tuple[str, ...]) -> tuple[list[tuple[int, str]], list[np.ndarray]]:
+        common = sorted(set.intersection(*(set(units[m]) for m in methods)))
+        return common, [np.stack([units[m][u] for u in common]) if common else np.zeros((0, len(labels)))
+                        for m in methods]
+
+    lines = ["### Paired differences (Dice)", "",
+             f"Bootstrap 95% percentile intervals ({resamples} resamples, seeded) over the (seed, test case) "
+             "pairs that both methods have: each resample draws pairs with replacement and the same pairs for "
+             "both methods, so what a scan or a seed does to both cancels. 'Resolved' means the interval "
+             "excludes 0. The second interval resamples whole seeds first (then pairs within them): it also "
+             "carries the seed-to-seed spread, which with few seeds the first one understates.", ""]
+    table: dict[str, dict[int, str]] = {}
+    not_run = [f"{a} - {b}" for a, b in COMPARISONS if (a in present) != (b in present)]
+    for a, b in COMPARISONS:
+        name = f"{a} - {b}"
+        if a not in present or b not in present:
+            continue
+        common, (sa, sb) = paired((a, b))
+        seeds = sorted({u[0] for u in common})
+        unpaired = sorted({u[0] for u in set(units[a]) ^ set(units[b])})
+        if not common:
+            lines.append(f"- {name}: skipped, no seed with results for both.")
+            continue
+        clusters = [u[0] for u in common]
+        note = f"; seeds {unpaired} skipped: only one of the two has them" if unpaired else ""
+        lines.append(f"- **{name}** ({len(common)} (seed, case) pairs of seeds {seeds}{note}):")
+        for gname, organs in groups:
+            if not organs:
+                continue
+            flat = paired_difference(sa, sb, organs, resamples=resamples, seed=0)
+            clustered = paired_difference(sa, sb, organs, resamples=resamples, seed=0, clusters=clusters)
+            verdict = f"resolved ({a if flat.estimate > 0 else b} better)" if flat.resolved else "not resolved"
+            lines.append(f"  - {name} on {gname}: {flat.describe()}, {verdict}; seeds resampled as clusters "
+                         f"[{clustered.low:.3f}, {clustered.high:.3f}], "
+                         f"{'resolved' if clustered.resolved else 'not resolved'}")
+        worse = []
+        table[name] = {}
+        for k, i in index.items():
+            organ = paired_difference(sa, sb, [i], resamples=resamples, seed=0)
+            table[name][k] = (f"**{organ.describe(2)}**" if organ.resolved else organ.describe(2))
+            if organ.resolved and organ.estimate < 0:
+                worse.append(f"{labels[k]} {organ.describe(2)}")
+        if worse:
+            lines.append(f"  - organs worse with {a} than with {b} beyond the interval: {', '.join(worse)}")
+    if not_run:
+        lines.append(f"- Not compared (one side has no results): {', '.join(not_run)}.")
+    if table:
+        names = list(table)
+        lines += ["", "Per organ (bold: interval excludes 0):", "", "| organ | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {labels[k]} | " + " | ".join(table[n][k] for n in names) + " |" for k in labels]
+    lines.append("")
+
+    if "reference" in present and "stock" in present:
+        lines += ["### Fraction of the stock-to-reference gap closed (Dice)", "",
+                  "(method - stock) / (reference - stock) on the same (seed, case) pairs, with its bootstrap 95% "
+                  "interval.", ""]
+        for m in present:
+            if m in ("reference", "stock"):
+                continue
+            common, (sm, sb, sr) = paired((m, "stock", "reference"))
+            if not common:
+                lines.append(f"- {m}: skipped, no seed with results for {m}, stock and the reference.")
+                continue
+            said = [f"{gname}: {gap_fraction(sm, sb, sr, organs, resamples=resamples, seed=0).describe()}"
+                    for gname, organs in groups if organs]
+            lines.append(f"- {m} (seeds {sorted({u[0] for u in common})}): " + "; ".join(said) + ".")
+        lines.append("")
+    return lines
+
+
+def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]], labels: dict[int, str],
+                         large: list[int], small: list[int]) -> list[str]:
+    """Markdown lines, CSV and plot of the teachers' pseudo-label Dice on the unlabeled pool cases per
+    snapshot epoch (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    from nnunetv2_tak.evidence import dice_from_counts
+
+    records = []
+    for (method, seed), snapshots in pl_quality.items():
+        for snap in snapshots:
+            counts = np.asarray(snap["counts"])
+            dice = dice_from_counts(counts)
+            records += [{"method": method, "seed": seed, "epoch": snap["epoch"], "label": k, "organ": name,
+                         "dice": float(dice[k]), "predicted_voxels": int(counts[1, k]),
+                         "true_voxels": int(counts[2, k])} for k, name in labels.items()]
+    with open(out / "pseudo_label_quality.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+    def mean(method: str, epoch: int, group: list[int]) -> float:
+        per_seed = []
+        for seed in sorted({r["seed"] for r in records if r["method"] == method}):
+            values = [r["dice"] for r in records if r["method"] == method and r["seed"] == seed
+                      and r["epoch"] == epoch and r["label"] in group]
+            with np.errstate(all="ignore"):
+                if values and np.isfinite(values).any():
+                    per_seed.append(float(np.nanmean(values)))
+        return float(np.mean(per_seed)) if per_seed else float("nan")
+
+    lines = ["### Pseudo-label quality over training (unlabeled pool cases of the few-label split)", "",
+             "Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
+             "unlabeled cases, which training never reads; per class over all those voxels (preprocessed grid), "
+             "mean over seeds. The plot is pseudo_label_quality.png, every number pseudo_label_quality.csv.", ""]
+    methods = list(dict.fromkeys(m for m, _ in pl_quality))
+    fig, axes = plt.subplots(1, 1 + len(methods), figsize=(6 * (1 + len(methods)), 5), squeeze=False)
+    for j, method in enumerate(methods):
+        epochs = sorted({r["epoch"] for r in records if r["method"] == method})
+        seeds = sorted({r["seed"] for r in records if r["method"] == method})
+        lines += [f"{method} (seeds {seeds}):", "",
+                  "| epoch | mean | large | small | " + " | ".join(labels.values()) + " |",
+                  "|---|" + "---|" * (3 + len(labels))]
+        for e in epochs:
+            cells = [mean(method, e, list(labels)), mean(method, e, large), mean(method, e, small)]
+            cells += [mean(method, e, [k]) for k in labels]
+            lines.append(f"| {e} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+        never = []
+        for seed in seeds:
+            last = max(r["epoch"] for r in records if r["method"] == method and r["seed"] == seed)
+            missing = [r["organ"] for r in records if r["method"] == method and r["seed"] == seed
+                       and r["epoch"] == last and r["predicted_voxels"] == 0]
+            never.append(f"seed {seed} (epoch {last}): {', '.join(missing) or 'none'}")
+        lines += ["", "Classes the teacher does not predict at all at its last snapshot: " + "; ".join(never) + ".",
+                  ""]
+        axes[0, 0].plot(epochs, [mean(method, e, list(labels)) for e in epochs], marker="o", label=method)
+        ax = axes[0, j + 1]
+        for k, name in labels.items():
+            ax.plot(epochs, [mean(method, e, [k]) for e in epochs], marker=".",
+                    linestyle="-" if k in large else "--", label=name)
+        ax.set_title(f"{method}: per class (dashed: small organs)")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6, ncol=2, loc="upper left")
+    axes[0, 0].set_title("mean pseudo-label Dice")
+    axes[0, 0].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("Dice vs hidden labels")
+    axes[0, 0].set_ylim(0, 1)
+    axes[0, 0].legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "pseudo_label_quality.png", dpi=90)
+    plt.close(fig)
+    return lines
 
 
 def cost_table(costs: list[dict]) -> list[str]:

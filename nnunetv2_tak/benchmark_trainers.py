@@ -14,7 +14,9 @@ pancreas and an adrenal gland (validation pseudo-Dice; examples/EVIDENCE.md, "Ev
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -24,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_tak.trainers import (
     nnUNetTrainerTAK,
+    nnUNetTrainerTAK_CenteredText,
     nnUNetTrainerTAK_NoContrastive,
     nnUNetTrainerTAK_NoText,
     nnUNetTrainerTAK_NoUnlabeled,
@@ -32,13 +35,21 @@ from nnunetv2_tak.trainers import (
 
 __all__ = [
     "nnUNetTrainerTAK_Bench",
+    "nnUNetTrainerTAK_CenteredText_Bench",
     "nnUNetTrainerTAK_ConfidentDiceCE_Bench",
     "nnUNetTrainerTAK_NoContrastive_Bench",
     "nnUNetTrainerTAK_NoText_Bench",
     "nnUNetTrainerTAK_NoUnlabeled_Bench",
     "nnUNetTrainerTAK_RandomText_Bench",
+    "nnUNetTrainerTAK_RandomText_Short",
     "nnUNetTrainer_Bench",
+    "nnUNetTrainer_BenchReference",
+    "nnUNetTrainer_Short",
 ]
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FOLDER = "teacher_snapshots"
 
 
 class BenchSchedule:
@@ -77,27 +88,95 @@ class BenchSchedule:
         return pipeline
 
 
+def save_teacher_snapshot(output_folder: str | os.PathLike, epoch: int, teacher_state: dict) -> Path:
+    """Write ``teacher_snapshots/epoch_NNNN.pth`` ({"epoch", "teacher"}: the EMA teacher's state dict
+    only, no optimizer) atomically; returns its path."""
+    import torch
+
+    folder = Path(output_folder) / SNAPSHOT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch_{epoch:04d}.pth"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"epoch": epoch, "teacher": {k: v.detach().cpu() for k, v in teacher_state.items()}}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def teacher_snapshots(output_folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """[(epoch, path)] of the snapshots in a training folder, by epoch."""
+    folder = Path(output_folder) / SNAPSHOT_FOLDER
+    found = [(int(p.stem.split("_")[1]), p) for p in folder.glob("epoch_*.pth")] if folder.is_dir() else []
+    return sorted(found)
+
+
+class TeacherSnapshots:
+    """Mixin for TAK trainers: keep the teacher's weights every ``teacher_snapshot_every`` epochs and at
+    the last one (0: never). A few MB each for the benchmark's network."""
+
+    teacher_snapshot_every: ClassVar[int] = 5
+
+    def on_epoch_end(self):
+        done = self.current_epoch + 1  # epochs completed, including this one
+        every = self.teacher_snapshot_every
+        if (every > 0 and self.teacher is not None and self.local_rank == 0
+                and (done % every == 0 or done == self.num_epochs)):
+            save_teacher_snapshot(self.output_folder, done, self.teacher.module.state_dict())
+        super().on_epoch_end()
+
+
+class ShortSchedule:
+    """Mixin: nnU-Net's recipe (optimizer, augmentation) on a few epochs: ``TAK_SHORT_EPOCHS`` (default 2)
+    x ``TAK_SHORT_ITERATIONS`` (default 50) iterations. For plumbing and cost checks (gpu_check), not
+    for results."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("TAK_SHORT_EPOCHS", 2))
+        self.num_iterations_per_epoch = int(os.environ.get("TAK_SHORT_ITERATIONS", 50))
+        self.num_val_iterations_per_epoch = 5
+
+
 class nnUNetTrainer_Bench(BenchSchedule, nnUNetTrainer):
     """Stock nnU-Net (labeled cases only) on the benchmark schedule."""
 
 
-class nnUNetTrainerTAK_Bench(BenchSchedule, nnUNetTrainerTAK):
+class nnUNetTrainer_BenchReference(BenchSchedule, nnUNetTrainer):
+    """The fully supervised reference on a longer schedule than the other methods
+    (``TAK_BENCH_REFERENCE_EPOCHS``, benchmark.py --reference-epochs); its own results folder."""
+
+    epochs_env_var = "TAK_BENCH_REFERENCE_EPOCHS"
+
+
+class nnUNetTrainerTAK_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK):
     pass
 
 
-class nnUNetTrainerTAK_NoText_Bench(BenchSchedule, nnUNetTrainerTAK_NoText):
+class nnUNetTrainerTAK_NoText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_NoText):
     pass
 
 
-class nnUNetTrainerTAK_RandomText_Bench(BenchSchedule, nnUNetTrainerTAK_RandomText):
+class nnUNetTrainerTAK_RandomText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_RandomText):
     pass
 
 
-class nnUNetTrainerTAK_NoContrastive_Bench(BenchSchedule, nnUNetTrainerTAK_NoContrastive):
+class nnUNetTrainerTAK_CenteredText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_CenteredText):
+    pass
+
+
+class nnUNetTrainerTAK_NoContrastive_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_NoContrastive):
     pass
 
 
 class nnUNetTrainerTAK_NoUnlabeled_Bench(BenchSchedule, nnUNetTrainerTAK_NoUnlabeled):
+    pass
+
+
+class nnUNetTrainer_Short(ShortSchedule, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerTAK_RandomText_Short(ShortSchedule, nnUNetTrainerTAK_RandomText):
     pass
 
 

@@ -68,6 +68,7 @@ def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
     _write_labels(gt_dir / "a.nii.gz", gt, (5.0, 1.0, 1.0))
     _write_labels(pred_dir / "a.nii.gz", pred, (5.0, 1.0, 1.0))
     scores = bench.evaluate(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0)
+    assert list(bench.evaluate_cases(pred_dir, gt_dir, {1: "liver"}, tolerance=1.0)) == ["a"]
     assert scores[1]["dice"] == pytest.approx(2 * 16 / (32 + 16))
     assert scores[1]["hd95"] == pytest.approx(2.0)  # the missed half lies up to 2 mm in x from the prediction
     assert np.isnan(scores[2]["dice"])  # absent from both: not counted
@@ -89,11 +90,13 @@ def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
               "pl_coverage": float("nan")} for s in (0, 1)]
     costs += [{"method": "tak", "seed": s, "train_min": 2.0, "predict_s": 12.0, "epochs": 2, "epoch_s": 10.0,
                "pl_coverage": 0.5} for s in (0, 1)]
-    args = argparse.Namespace(seeds=[0, 1], test=3, nsd_mm=2.0, small_ml=100.0)
-    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args)
+    args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=200)
+    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3)
 
     report = (tmp_path / "report" / "results.md").read_text().splitlines()
+    assert "Test set: 3 scans (labelsTs)" in report[0]  # counted, not the generation argument
     dice = report[report.index("### Dice"):]
+    assert dice[2] == "Large organs (median test volume >= 100.0 ml): liver. Small organs (< 100.0 ml): adrenal."
     assert "| liver | 0.800 ± 0.100 | 0.800 ± 0.100 |" in dice
     assert "| adrenal | 0.200 ± 0.100 | nan |" in dice
     assert "| **mean** | 0.500 ± 0.000 | 0.800 ± 0.100 |" in dice  # per-seed means, then over seeds
@@ -103,3 +106,78 @@ def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
     assert len((tmp_path / "report" / "per_class.csv").read_text().splitlines()) == 1 + len(rows)
     assert len((tmp_path / "report" / "cost.csv").read_text().splitlines()) == 1 + len(costs)
     assert (tmp_path / "report" / "dice_per_class.png").stat().st_size > 0
+
+
+def _case_rows(method: str, seeds: list[int], liver: float, adrenal: float, zero_adrenal_seed: int | None = None):
+    """3 test cases per seed; case difficulty shifts every method alike (pairing must cancel it)."""
+    rows = []
+    for seed in seeds:
+        for c, shift in enumerate((0.0, -0.2, -0.4)):
+            a = 0.0 if seed == zero_adrenal_seed else adrenal + shift / 2
+            rows += [{"method": method, "seed": seed, "case": f"case_{c}", "label": 1, "dice": liver + shift / 4,
+                      "nsd": 0.5, "hd95": 5.0},
+                     {"method": method, "seed": seed, "case": f"case_{c}", "label": 2, "dice": a, "nsd": 0.5,
+                      "hd95": 5.0}]
+    return rows
+
+
+def _mean_rows(case_rows: list[dict]) -> list[dict]:
+    rows = {}
+    for r in case_rows:
+        key = (r["method"], r["seed"], r["label"])
+        rows.setdefault(key, []).append(r["dice"])
+    return [{"method": m, "seed": s, "label": k, "organ": {1: "liver", 2: "adrenal"}[k], "dice": float(np.mean(v)),
+             "nsd": 0.5, "hd95": 5.0} for (m, s, k), v in rows.items()]
+
+
+def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, tmp_path):
+    labels = {1: "liver", 2: "adrenal"}
+    case_rows = (_case_rows("reference", [0, 1], 0.9, 0.7)
+                 + _case_rows("stock", [0, 1], 0.8, 0.3, zero_adrenal_seed=1)  # stock misses it in seed 1
+                 + _case_rows("tak", [0, 1], 0.8, 0.4)
+                 + _case_rows("tak_notext", [0], 0.85, 0.4, zero_adrenal_seed=0))  # one seed only
+    for r in case_rows:
+        if r["method"] == "tak" and r["seed"] == 1 and r["label"] == 2:
+            r["dice"] = 0.1  # tak - stock = +0.1 on the adrenal on every scan and seed
+    rows = _mean_rows(case_rows)
+    costs = [{"method": m, "seed": 0, "train_min": 1.0, "predict_s": 10.0, "epochs": 2, "epoch_s": 4.0,
+              "pl_coverage": float("nan")} for m in ("reference", "stock", "tak", "tak_notext")]
+    counts = [[[0] * 3, [10, 0, 0], [10, 4, 5]], [[8, 4, 1], [10, 5, 1], [10, 4, 2]]]  # [epoch][3][C=3]
+    pl_epoch5_only = [{"epoch": 5, "counts": counts[0]}]
+    pl = {("tak", 0): [{"epoch": 5, "counts": counts[0]}, {"epoch": 10, "counts": counts[1]}],
+          ("tak_notext", 0): pl_epoch5_only}
+    args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=300)
+    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3, case_rows=case_rows,
+                       pl_quality=pl, epochs=40, reference_epochs=120)
+    report = (tmp_path / "report" / "results.md").read_text()
+
+    assert "except the fully supervised reference: 120 epochs" in report
+    assert "| stock | none | adrenal |" in report  # stuck organs per seed
+    assert "| tak_notext | adrenal | - |" in report  # seed 1 not run
+    lines = report.splitlines()
+    assert "- **tak - stock** (6 (seed, case) pairs of seeds [0, 1]):" in lines
+    assert ("  - tak - stock on small organs: +0.100 [0.100, 0.100], resolved (tak better); seeds resampled as "
+            "clusters [0.100, 0.100], resolved") in lines
+    assert any(line.startswith("  - tak - stock on large organs: +0.000 [0.000, 0.000], not resolved")
+               for line in lines)
+    assert ("- **tak - tak_notext** (3 (seed, case) pairs of seeds [0]; seeds [1] skipped: only one of the two "
+            "has them):") in lines
+    assert ("- Not compared (one side has no results): tak - tak_randomtext, tak - tak_nounlabeled, "
+            "tak - tak_nocontrastive, tak_centredtext - tak, tak_centredtext - tak_notext, tak_centredtext - stock, "
+            "tak_unsup_dicece - tak.") in lines
+    assert "  - organs worse with tak than with tak_notext beyond the interval: liver -0.05 [-0.05, -0.05]" in lines
+    assert "| adrenal | **+0.10 [0.10, 0.10]** |" in report  # per-organ table, first column tak - stock
+    # adrenal: the reference is 0.4 above stock in seed 0 and 0.7/0.6/0.5 in seed 1 (stock 0): 0.1 / 0.5
+    gap = next(line for line in lines if line.startswith("- tak (seeds"))
+    assert "large organs: +0.00 [0.00, 0.00]" in gap
+    assert "small organs: +0.20 [" in gap
+
+    pl_lines = report[report.index("### Pseudo-label quality"):].splitlines()
+    assert "| 5 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |" in pl_lines  # classes: (bg,) liver, adrenal
+    assert "| 10 | 0.78 | 0.89 | 0.67 | 0.89 | 0.67 |" in pl_lines
+    assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 10): none." in pl_lines
+    assert (tmp_path / "report" / "pseudo_label_quality.png").stat().st_size > 0
+    assert len((tmp_path / "report" / "per_case.csv").read_text().splitlines()) == 1 + len(case_rows)
+    assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 5): liver, adrenal." \
+        in pl_lines  # tak_notext
+    assert len((tmp_path / "report" / "pseudo_label_quality.csv").read_text().splitlines()) == 1 + 3 * 2
