@@ -32,6 +32,14 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_tak.checkpoints import (
+    describe_extension,
+    extension_allowed,
+    how_to_extend,
+    poly_lr,
+    read_checkpoint,
+)
+from nnunetv2_tak.distributed import DistributedTrainerMixin
 from nnunetv2_tak.losses import GADiceLoss, GALoss, text_visual_contrastive_loss
 from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, unwrap_network
 from nnunetv2_tak.progress import TAKLocalLogger
@@ -94,7 +102,7 @@ class SSLSettingsError(RuntimeError):
     """A resumed run whose semi-supervised settings or unlabeled data differ from its checkpoint's."""
 
 
-class nnUNetTrainerTAK(nnUNetTrainer):
+class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
     """TAK: nnU-Net + text-prior head + unlabeled stream with an EMA teacher, entropy-filtered
     pseudo-labels and the text-visual contrastive term (DESIGN.md, "Semi-supervised training")."""
 
@@ -132,6 +140,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
     iterations_per_epoch: ClassVar[int | None] = None
     val_iterations_per_epoch: ClassVar[int | None] = None
     initial_learning_rate: ClassVar[float | None] = None
+    allow_extend_epochs: ClassVar[bool] = False  # --c may continue a run for more epochs (or TAK_ALLOW_EXTEND=1)
 
     # settings that must match when a run is resumed (--c)
     SSL_SETTINGS: ClassVar[tuple[str, ...]] = (
@@ -508,9 +517,17 @@ class nnUNetTrainerTAK(nnUNetTrainer):
                 "loss_state": self.loss.state_dict(),
             },
         }
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        tmp = f"{filename}.tmp"  # written in full and synced before it replaces the previous file
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filename)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """nnU-Net's resume (--c, --val) with the teacher and SSL state; refuses (and changes nothing) when
@@ -522,7 +539,7 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         name = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            checkpoint = read_checkpoint(checkpoint)  # CheckpointError naming the file and the intact ones
         ssl = checkpoint.get(CHECKPOINT_KEY)
         if ssl is None:
             raise SSLSettingsError(f"{name} has no TAK semi-supervised state ({CHECKPOINT_KEY!r}); it was written by "
@@ -530,17 +547,38 @@ class nnUNetTrainerTAK(nnUNetTrainer):
         self._check_text(checkpoint, name)
         differing = {k: (v, ssl["settings"].get(k)) for k, v in self.ssl_settings().items()
                      if ssl["settings"].get(k) != v}
+        old_epochs = ssl["settings"].get("num_epochs")
+        extending = "num_epochs" in differing and isinstance(old_epochs, int) and self.num_epochs > old_epochs \
+            and extension_allowed(self.allow_extend_epochs)
+        if extending:
+            del differing["num_epochs"]
         if differing:
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differing.items())
+            hint = f" {how_to_extend(type(self).__name__, old_epochs, self.num_epochs)}" \
+                if "num_epochs" in differing and isinstance(old_epochs, int) else ""
             raise SSLSettingsError(
                 f"{name} was trained with other semi-supervised settings ({listed}). Resume with the trainer "
                 f"and settings it started with ({checkpoint.get('trainer_name')}) or train into a new output folder; "
-                "nothing was loaded or changed.")
+                f"nothing was loaded or changed.{hint}")
         super().load_checkpoint(filename_or_checkpoint)
+        if extending:
+            self._log_extension(old_epochs)
         if self.teacher is not None:
             self.teacher.load_state_dict(ssl["teacher"])
         self.loss.load_state_dict(ssl["loss_state"])
         self._restored_unlabeled_digest = ssl["unlabeled_digest"]
+
+    def _log_extension(self, old_epochs: int) -> None:
+        """Log the schedules at the resume epoch under the old and the new length (they are recomputed)."""
+        new_epochs, epoch = self.num_epochs, self.current_epoch
+        self.num_epochs = old_epochs
+        try:
+            before = self.ssl_weights(epoch)
+        finally:
+            self.num_epochs = new_epochs
+        self.print_to_log_file(describe_extension(
+            type(self).__name__, epoch, old_epochs, new_epochs, before, self.ssl_weights(epoch),
+            poly_lr(self.lr_scheduler, epoch, old_epochs), poly_lr(self.lr_scheduler, epoch, new_epochs)))
 
     def _check_text(self, checkpoint: dict, name: str) -> None:
         if self.text_embeddings is None:
