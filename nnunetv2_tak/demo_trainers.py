@@ -23,7 +23,7 @@ class CPUDemoSchedule(BenchSchedule):
 
     bench_epochs: ClassVar[int] = 16
     bench_iterations: ClassVar[int] = 25
-    bench_learning_rate: ClassVar[float] = 3e-3
+    bench_learning_rate: ClassVar[float] = 8e-3  # validation: beat the benchmark's 3e-3 (EVIDENCE.md)
     epochs_env_var: ClassVar[str | None] = None  # the demo's budget is fixed
 
 
