@@ -176,6 +176,15 @@ def evaluate(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: fl
     return mean_over_cases(evaluate_cases(pred_dir, gt_dir, labels, tolerance), labels)
 
 
+def keeps_snapshots(trainer: str) -> bool:
+    """Whether a benchmark trainer has a teacher and keeps its snapshots."""
+    from nnunetv2_tak import benchmark_trainers
+
+    cls = getattr(benchmark_trainers, trainer, None)
+    return (cls is not None and issubclass(cls, benchmark_trainers.TeacherSnapshots)
+            and bool(getattr(cls, "use_unlabeled", False)) and cls.teacher_snapshot_every > 0)
+
+
 def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folder: Path, num_classes: int,
                          device: str, cache: Path | None = None) -> list[dict]:
     """Score every teacher snapshot of a finished training on labeled preprocessed cases.
@@ -327,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
             case_rows += [{"method": method, "seed": seed, "case": case, "label": label, **metric}
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
-            if kind == "few" and not args.no_pseudo_label_quality:
+            if kind == "few" and not args.no_pseudo_label_quality and keeps_snapshots(trainer):
                 from nnunetv2_tak.benchmark_trainers import teacher_snapshots
 
-                if teacher_snapshots(output):
-                    pl_quality[(method, seed)] = pseudo_label_quality(
-                        output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
-                        profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json")
+                pl_quality[(method, seed)] = pseudo_label_quality(
+                    output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
+                    profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json") \
+                    if teacher_snapshots(output) else []  # trained before the benchmark kept snapshots
             costs.append({"method": method, "seed": seed, "train_min": train_s / 60, "predict_s": predict_s,
                           **training_stats(output)})
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
@@ -534,6 +543,13 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
             records += [{"method": method, "seed": seed, "epoch": snap["epoch"], "label": k, "organ": name,
                          "dice": float(dice[k]), "predicted_voxels": int(counts[1, k]),
                          "true_voxels": int(counts[2, k])} for k, name in labels.items()]
+    lines = ["### Pseudo-label quality over training (unlabeled pool cases of the few-label split)", ""]
+    without = [f"{m} seed {s}" for (m, s), snapshots in pl_quality.items() if not snapshots]
+    if without:
+        lines += [f"No teacher snapshots (trained before the benchmark trainers kept them): {', '.join(without)}.",
+                  ""]
+    if not records:
+        return lines
     with open(out / "pseudo_label_quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
@@ -549,11 +565,10 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
                     per_seed.append(float(np.nanmean(values)))
         return float(np.mean(per_seed)) if per_seed else float("nan")
 
-    lines = ["### Pseudo-label quality over training (unlabeled pool cases of the few-label split)", "",
-             "Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
+    lines += ["Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
              "unlabeled cases, which training never reads; per class over all those voxels (preprocessed grid), "
              "mean over seeds. The plot is pseudo_label_quality.png, every number pseudo_label_quality.csv.", ""]
-    methods = list(dict.fromkeys(m for m, _ in pl_quality))
+    methods = list(dict.fromkeys(r["method"] for r in records))
     fig, axes = plt.subplots(1, 1 + len(methods), figsize=(6 * (1 + len(methods)), 5), squeeze=False)
     for j, method in enumerate(methods):
         epochs = sorted({r["epoch"] for r in records if r["method"] == method})

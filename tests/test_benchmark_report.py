@@ -74,6 +74,13 @@ def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
     assert np.isnan(scores[2]["dice"])  # absent from both: not counted
 
 
+def test_which_trainers_keep_teacher_snapshots(bench):
+    assert bench.keeps_snapshots("nnUNetTrainerTAK_Bench")
+    assert bench.keeps_snapshots("nnUNetTrainerTAK_CenteredText_Bench")
+    assert not bench.keeps_snapshots("nnUNetTrainerTAK_NoUnlabeled_Bench")  # no teacher
+    assert not bench.keeps_snapshots("nnUNetTrainer_Bench")
+
+
 def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
     labels = {1: "liver", 2: "adrenal"}
     rows = []
@@ -145,7 +152,7 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     counts = [[[0] * 3, [10, 0, 0], [10, 4, 5]], [[8, 4, 1], [10, 5, 1], [10, 4, 2]]]  # [epoch][3][C=3]
     pl_epoch5_only = [{"epoch": 5, "counts": counts[0]}]
     pl = {("tak", 0): [{"epoch": 5, "counts": counts[0]}, {"epoch": 10, "counts": counts[1]}],
-          ("tak_notext", 0): pl_epoch5_only}
+          ("tak_notext", 0): pl_epoch5_only, ("tak", 1): []}
     args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=300)
     bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3, case_rows=case_rows,
                        pl_quality=pl, epochs=40, reference_epochs=120)
@@ -176,6 +183,7 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     assert "| 5 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |" in pl_lines  # classes: (bg,) liver, adrenal
     assert "| 10 | 0.78 | 0.89 | 0.67 | 0.89 | 0.67 |" in pl_lines
     assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 10): none." in pl_lines
+    assert "No teacher snapshots (trained before the benchmark trainers kept them): tak seed 1." in pl_lines
     assert (tmp_path / "report" / "pseudo_label_quality.png").stat().st_size > 0
     assert len((tmp_path / "report" / "per_case.csv").read_text().splitlines()) == 1 + len(case_rows)
     assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 5): liver, adrenal." \
