@@ -200,6 +200,7 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
 
     from nnunetv2_tak.benchmark_trainers import teacher_snapshots
     from nnunetv2_tak.evidence import overlap_counts
+    from nnunetv2_tak.network import unwrap_network
 
     snapshots = teacher_snapshots(fold_dir)
     known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
@@ -216,7 +217,8 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
         dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
         loaded = [dataset.load_case(case)[:2] for case in cases]
         for epoch, path in todo:
-            predictor.network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["teacher"])
+            unwrap_network(predictor.network).load_state_dict(  # the predictor may have compiled it
+                torch.load(path, map_location="cpu", weights_only=True)["teacher"])
             counts = np.zeros((3, num_classes))
             for data, seg in loaded:
                 logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data)).float())
