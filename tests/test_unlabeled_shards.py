@@ -195,8 +195,12 @@ def test_bad_shard_arguments_are_refused_by_name(prepared_dataset, tmp_path, mon
     # the incomplete set is named where the raw images are not at hand ...
     with pytest.raises(UnlabeledDataError, match=r"shard 1 of 2 has not run"):
         preprocessed_unlabeled_cases(shared.base, shared.plans, CONFIG, shared.dataset_json)
-    # ... a run without --shard does the rest and folds the parts in; then any N works
-    shared.run()
+    # ... a run without --shard (as training runs it) does only the rest and folds the parts in; then any N works
+    log: list[str] = []
+    shared.run(log=log.append)
+    rest = len(shared.cases()) - len(first)
+    assert any(f"preprocessing {rest} unlabeled case(s) of 4" in line for line in log), log
+    assert {name: p.read_bytes() for name, p in case_files(shared.folder).items() if name in before} == before
     assert not part(shared.folder, 0, 2).exists()
     assert shared.run(shard=1, num_shards=3)[1] == shard_cases(shared.cases(), 1, 3)
 
