@@ -47,7 +47,7 @@ def test_wheel_contents(wheel):
         assert "nnunetv2_tak/prompts/abdomen.json" in names
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("nnUNetv2_tak_encode_prompts", "nnUNetv2_tak_make_synthetic", "nnUNetv2_tak_shrink_plans",
-                   "nnUNetv2_tak_make_splits", "nnUNetv2_tak_preprocess_unlabeled"):
+                   "nnUNetv2_tak_make_splits", "nnUNetv2_tak_preprocess_unlabeled", "nnUNetv2_tak_train_torchrun"):
         assert script in entry_points
     assert not any(n.startswith("tests/") for n in names)
 
