@@ -102,14 +102,16 @@ def class_dice(summary: Mapping) -> dict[int, float]:
 
 
 def format_dice_table(dice: Mapping[int, float], names: Mapping[int, str], title: str,
-                      missed_below: float = 0.005) -> tuple[str, list[str]]:
-    """A per-class Dice table with a bar per organ and organs at 0 flagged; returns (text, missed organs).
+                      missed_below: float = 0.005, weak_below: float = 0.1) -> tuple[str, list[str]]:
+    """A per-class Dice table with a bar per organ, organs at 0 flagged (and weak ones, below
+    ``weak_below``, marked); returns (text, missed organs).
 
     ``dice``: label value -> Dice (NaN: not in any reference or prediction); ``names``: label -> organ.
     """
     width = max(len(names[label]) for label in dice)
     lines = [title, f"  {'#':>2}  {'organ':<{width}}   Dice"]
     missed: list[str] = []
+    weak: list[str] = []
     for label in sorted(dice):
         value = dice[label]
         if math.isnan(value):
@@ -120,13 +122,17 @@ def format_dice_table(dice: Mapping[int, float], names: Mapping[int, str], title
         if value < missed_below:
             missed.append(names[label])
             flag = "  <-- stayed at 0 (not found)"
+        elif value < weak_below:
+            weak.append(names[label])
+            flag = "  <-- barely found"
         lines.append(f"  {label:>2}  {names[label]:<{width}}  {value:.3f}  {'#' * filled}{'.' * (BAR_WIDTH - filled)}"
                      f"{flag}")
     values = [v for v in dice.values() if not math.isnan(v)]
     mean = float(np.mean(values)) if values else float("nan")
     lines.append(f"  {'':>2}  {'mean (foreground)':<{width}}  {mean:.3f}")
-    found = len(values) - len(missed)
-    lines.append(f"  found {found} of {len(values)} organs (Dice >= {missed_below})"
+    found = len(values) - len(missed) - len(weak)
+    lines.append(f"  found {found} of {len(values)} organs (Dice >= {weak_below})"
+                 + (f"; barely found: {', '.join(weak)}" if weak else "")
                  + (f"; stayed at 0: {', '.join(missed)}" if missed else ""))
     return "\n".join(lines), missed
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-NAMES = {0: "background", 1: "liver", 2: "right adrenal gland", 3: "aorta", 4: "pancreas"}
+NAMES = {0: "background", 1: "liver", 2: "right adrenal gland", 3: "aorta", 4: "pancreas", 5: "duodenum"}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def quickstart():
 
 
 def test_dice_table_flags_organs_at_zero_and_averages_the_others(quickstart):
-    dice = {1: 0.912, 2: 0.0, 3: math.nan, 4: 0.004}
+    dice = {1: 0.912, 2: 0.0, 3: math.nan, 4: 0.004, 5: 0.05}
     text, missed = quickstart.format_dice_table(dice, {k: v for k, v in NAMES.items() if k}, "title")
     lines = text.splitlines()
     assert lines[0] == "title"
@@ -35,8 +35,10 @@ def test_dice_table_flags_organs_at_zero_and_averages_the_others(quickstart):
     assert "0.912" in liver and "#" * 18 in liver and "stayed at 0" not in liver
     assert "stayed at 0" in next(line for line in lines if "adrenal" in line)
     assert "n/a" in next(line for line in lines if "aorta" in line)
-    assert "0.305" in next(line for line in lines if "mean (foreground)" in line)  # (0.912 + 0 + 0.004) / 3
-    assert lines[-1].startswith("  found 1 of 3 organs") and "right adrenal gland, pancreas" in lines[-1]
+    assert "barely found" in next(line for line in lines if "duodenum" in line)
+    assert "0.242" in next(line for line in lines if "mean (foreground)" in line)  # (0.912 + 0 + 0.004 + 0.05) / 4
+    assert lines[-1].startswith("  found 1 of 4 organs (Dice >= 0.1); barely found: duodenum; stayed at 0: "
+                                "right adrenal gland, pancreas")
 
 
 def test_class_dice_reads_an_nnunet_summary(quickstart):
