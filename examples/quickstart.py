@@ -57,8 +57,15 @@ def text_source_line(args: argparse.Namespace) -> str:
         return f"your embedding file {args.embeddings}"
     if args.pretrained:
         return f"open_clip {args.model} with weights {args.pretrained}"
+    if own_weights(args.model):
+        return f"open_clip {args.model} with the model's own weights"
     return (f"open_clip {args.model} with RANDOM weights (offline default: the text carries no anatomical "
             "knowledge; pass --pretrained openai online, or a local checkpoint, for real CLIP text)")
+
+
+def own_weights(model: str) -> bool:
+    """hf-hub:/local-dir: models bring their own weights (no --pretrained)."""
+    return model.startswith(("hf-hub:", "local-dir:"))
 
 
 def prepare(work: Path) -> Path:
@@ -84,8 +91,9 @@ def encode_text(args: argparse.Namespace) -> None:
     if args.embeddings:
         run("nnUNetv2_tak_encode_prompts", "-d", str(DATASET_ID), "--embeddings", args.embeddings)
     else:
-        run("nnUNetv2_tak_encode_prompts", "-d", str(DATASET_ID), "--model", args.model,
-            "--pretrained", args.pretrained or "random-init")
+        weights = [] if own_weights(args.model) and not args.pretrained else [
+            "--pretrained", args.pretrained or "random-init"]
+        run("nnUNetv2_tak_encode_prompts", "-d", str(DATASET_ID), "--model", args.model, *weights)
 
 
 def model_folder(work: Path, dataset: Path, trainer: str = TRAINER) -> Path:
