@@ -20,11 +20,15 @@ from dataclasses import asdict, dataclass
 import torch
 from dynamic_network_architectures.building_blocks.helper import get_matching_instancenorm
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD_CHUNKS = 32  # at most this many voxel chunks per output: bounded graph size under torch.compile
+MAX_HEAD_CHUNKS = 32  # at most this many voxel chunks per output under torch.compile: bounded graph size
+HEAD_CHUNK_ELEMENTS = 2**22  # at most this many hidden values per sample in one head chunk (see head_chunk_voxels)
+MIN_CHUNK_VOXELS = 512  # floor of the class-adapted chunk (per-chunk overhead)
+EAGER_CHUNKED_FUNCTION = True  # False: eager mode also runs the checkpointed chunks (benchmark baseline)
 TEXT_CENTERING = ("none", "center", "center_scale")
 
 
@@ -38,7 +42,7 @@ class TextPriorConfig:
     head_channels: int = 8
     num_image_stages: int = 3
     head_input_norm: bool = False  # nnU-Net decoder stages already end in norm + nonlinearity
-    chunk_voxels: int = 4096  # chunked, memory-lean head; 0 = plain autograd graph
+    chunk_voxels: int = 4096  # chunked, memory-lean head (lowered for > 128 classes: head_chunk_voxels); 0 = off
     stable_controller: bool = True  # LayerNorm on the controller input + He-scaled dynamic parameters
     learned_embeddings: bool = False  # no-text ablation: E [C, K, D] is a trained parameter, not frozen text
     # "none" | "center" | "center_scale": subtract the mean over classes of each prompt kind before the
@@ -101,29 +105,139 @@ def _batched_linear(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, relu: 
     return y.relu_() if relu else y
 
 
+def head_chunk_voxels(chunk_voxels: int, num_classes: int, head_channels: int) -> int:
+    """Voxels per head chunk: ``chunk_voxels``, lowered when needed so that one chunk's hidden map
+    ([B, C*h, chunk]) holds at most ``HEAD_CHUNK_ELEMENTS`` values per sample (16 MiB in float32), but not
+    below ``MIN_CHUNK_VOXELS``. With the default 4096 voxels and h = 8 that changes nothing up to 128
+    classes (117: 3.8 M values per sample); smaller chunks cost time on CPU (one small matmul per sample
+    and class per chunk). 0 (no chunking) stays 0."""
+    if chunk_voxels <= 0:
+        return 0
+    budget = HEAD_CHUNK_ELEMENTS // max(num_classes * head_channels, 1)
+    return min(chunk_voxels, max(budget, MIN_CHUNK_VOXELS))
+
+
+def _split_for_head(params: torch.Tensor, h: int) -> tuple[torch.Tensor, ...]:
+    """[B, C, P] -> w1 [B, C*h, h], b1 [B, C*h, 1], w2 [B*C, h, h], b2 [B*C, h, 1], w3 [B*C, 1, h],
+    b3 [B*C, 1, 1] (the layout of ``split_dynamic_params``, layer 1 grouped per sample)."""
+    b, c = params.shape[:2]
+    (w1, b1), (w2, b2), (w3, b3) = split_dynamic_params(params, h)
+    return w1.reshape(b, c * h, h), b1.reshape(b, c * h, 1), w2, b2, w3, b3
+
+
+def _head_chunk_hidden(xs: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """No autograd: xs [B, h, m] -> post-ReLU hidden maps a1 [B, C*h, m], a2 [B*C, h, m] (ReLU in place;
+    baddbmm as in ``_dynamic_head_flat``, so the values are the same to the bit, also under autocast)."""
+    w1, b1, w2, b2 = weights[:4]
+    a1 = torch.baddbmm(b1, w1, xs).relu_()
+    a2 = torch.baddbmm(b2, w2, a1.view(w2.shape[0], w2.shape[2], -1)).relu_()
+    return a1, a2
+
+
+class _ChunkedDynamicHead(torch.autograd.Function):
+    """Eager-mode chunked head with a hand-written backward: the same maths and the same matmuls as
+    autograd through ``_dynamic_head_flat`` chunk by chunk, but the forward runs without a graph (bias and
+    ReLU in place, logits written into one preallocated [B, C, n] tensor instead of a concatenation), and
+    the backward recomputes one chunk's hidden maps at a time and turns them into gradients in place
+    (ReLU masks applied with masked_fill_, gradients of the dynamic parameters accumulated over chunks).
+    Only x and params are saved; per chunk at most four [B, C*h, chunk]-sized maps exist at once.
+    Under autocast it computes in the autocast dtype, like the matmuls it replaces, and accumulates the
+    parameter gradient in the parameters' dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, params: torch.Tensor, head_channels: int, chunk: int) -> torch.Tensor:
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        ctx.save_for_backward(x, params)
+        ctx.head_channels, ctx.chunk, ctx.dtype = head_channels, chunk, dtype
+        with torch.autocast(device_type, enabled=False):
+            return _chunked_forward(x.to(dtype), params.to(dtype), head_channels, chunk)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, params = ctx.saved_tensors
+        h, chunk, dtype = ctx.head_channels, ctx.chunk, ctx.dtype
+        b, c = params.shape[:2]
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            weights = _split_for_head(params.to(dtype), h)
+            w1, _, w2, _, w3, _ = weights
+            grads = ([torch.zeros(t.shape, dtype=params.dtype, device=t.device) for t in weights]
+                     if ctx.needs_input_grad[1] else None)
+            grad_x = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
+            for s in range(0, x.shape[-1], chunk):
+                xs = xc[..., s:s + chunk]
+                a1, a2 = _head_chunk_hidden(xs, weights)
+                gy = grad_out[..., s:s + chunk].to(dtype).reshape(b * c, 1, -1)  # [B*C, 1, m]
+                a1v = a1.view(b * c, h, -1)
+                g2 = torch.bmm(w3.transpose(1, 2), gy).masked_fill_(a2 <= 0, 0)  # [B*C, h, m], ReLU 2
+                if grads is not None:
+                    grads[5] += gy.sum(dim=2, keepdim=True)
+                    grads[4] += torch.bmm(gy, a2.transpose(1, 2))
+                    grads[3] += g2.sum(dim=2, keepdim=True)
+                    grads[2] += torch.bmm(g2, a1v.transpose(1, 2))
+                g1 = torch.bmm(w2.transpose(1, 2), g2).masked_fill_(a1v <= 0, 0).view(b, c * h, -1)  # ReLU 1
+                del a1, a1v, a2, g2
+                if grads is not None:
+                    grads[1] += g1.sum(dim=2, keepdim=True)
+                    grads[0] += torch.bmm(g1, xs.transpose(1, 2))
+                if grad_x is not None:
+                    grad_x[..., s:s + chunk] = torch.bmm(w1.transpose(1, 2), g1)
+        grad_params = None
+        if grads is not None:
+            grad_params = torch.cat([g.reshape(b * c, -1) for g in grads], dim=1).reshape(params.shape)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_params, None, None
+
+
+def _chunked_forward(x: torch.Tensor, params: torch.Tensor, head_channels: int, chunk: int) -> torch.Tensor:
+    """No autograd: x [B, h, n], params [B, C, P] -> logits [B, C, n], one chunk of voxels at a time."""
+    b, c, n = x.shape[0], params.shape[1], x.shape[-1]
+    weights = _split_for_head(params, head_channels)
+    out = None
+    for s in range(0, n, chunk):
+        _, a2 = _head_chunk_hidden(x[..., s:s + chunk], weights)
+        y = torch.baddbmm(weights[5], weights[4], a2).view(b, c, -1)
+        if out is None:  # the matmuls' dtype (the autocast dtype under autocast)
+            out = torch.empty(b, c, n, dtype=y.dtype, device=y.device)
+        out[..., s:s + chunk] = y
+    return out
+
+
 def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channels: int,
                        chunk_voxels: int = 0) -> torch.Tensor:
     """Per-sample, per-class 1x1 MLP (h->h->h->1, ReLU between) as batched matmuls, no loop over
     samples or classes.
 
-    features: [B, h, *S]; params: [B, C, P] -> logits [B, C, *S]. ``chunk_voxels`` > 0 uses the
-    chunked version.
+    features: [B, h, *S]; params: [B, C, P] -> logits [B, C, *S]. ``chunk_voxels`` > 0 processes that many
+    voxels at a time (see ``head_chunk_voxels`` for the class-adapted size the network uses), so the hidden
+    maps ([B, C*h, chunk]: 936 channels per sample at 117 classes) never exist for the whole volume; the
+    largest tensors are the input and the logits themselves. Eager mode uses ``_ChunkedDynamicHead``
+    (bounded by the chunk alone, whatever the volume); under torch.compile the chunks are activation
+    checkpoints that dynamo unrolls, so there are at most ``MAX_HEAD_CHUNKS`` (bounded graph; the chunk then
+    grows for volumes above MAX_HEAD_CHUNKS * chunk voxels, its hidden map staying <= h / MAX_HEAD_CHUNKS
+    of the logits' size).
     """
     b = features.shape[0]
     spatial = features.shape[2:]
     x = features.reshape(b, features.shape[1], -1)
     n = x.shape[-1]
-    if chunk_voxels > 0:
-        chunk_voxels = max(chunk_voxels, -(-n // MAX_HEAD_CHUNKS))  # bound the unrolled chunks (torch.compile)
-    if 0 < chunk_voxels < n:
-        # Memory-lean and cache-friendly: the per-class hidden maps ([B, C*h, N], 128 channels at full
-        # resolution for 16 classes) are only ever materialised for one chunk of voxels; backward
-        # recomputes each chunk (activation checkpointing, which torch.compile can trace).
+    checkpointed = torch.compiler.is_compiling() or not EAGER_CHUNKED_FUNCTION
+    if chunk_voxels > 0 and checkpointed:
+        chunk_voxels = max(chunk_voxels, -(-n // MAX_HEAD_CHUNKS))  # bound the unrolled chunks
+    if not 0 < chunk_voxels < n:
+        out = _dynamic_head_flat(x, params, head_channels)
+    elif checkpointed:
+        # checkpointed chunks: backward recomputes each chunk's hidden maps (traceable by dynamo)
         out = torch.cat([checkpoint(_dynamic_head_flat, x[..., s:s + chunk_voxels], params, head_channels,
                                     use_reentrant=False)
                          for s in range(0, n, chunk_voxels)], dim=2)
+    elif torch.is_grad_enabled() and (x.requires_grad or params.requires_grad):
+        out = _ChunkedDynamicHead.apply(x, params, head_channels, chunk_voxels)
     else:
-        out = _dynamic_head_flat(x, params, head_channels)
+        out = _chunked_forward(x, params, head_channels, chunk_voxels)
     return out.reshape(b, params.shape[1], *spatial)
 
 
@@ -297,7 +411,8 @@ class TextPriorUNet(nn.Module):
         deep = skips[-self.num_image_stages:]
         params = self.text_prior(deep)  # [B, C, P]
         head_features = self.decoder(skips)
-        h, chunk = self.config.head_channels, self.config.chunk_voxels
+        h = self.config.head_channels
+        chunk = head_chunk_voxels(self.config.chunk_voxels, self.num_classes, h)
         if isinstance(head_features, list | tuple):
             logits = [apply_dynamic_head(f, params, h, chunk) for f in head_features]
         else:
