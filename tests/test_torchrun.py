@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import textwrap
@@ -37,6 +36,7 @@ RECORDING_TRAINERS = textwrap.dedent(f'''
     import json
     import os
     import signal
+    import time
 
     import torch
     import torch.distributed as dist
@@ -59,6 +59,14 @@ RECORDING_TRAINERS = textwrap.dedent(f'''
                            "batch_size": self.batch_size, "ddp": type(self.network).__name__,
                            "shard": list(shard.identifiers), "all": list(self.unlabeled_cases)}}, f)
             return shard
+
+        def train_step(self, batch):
+            if self.teacher.step == {ITERATIONS}:  # first iteration of epoch 1 in the fresh run
+                open(self._rank_file("in_epoch_1"), "w").close()  # the test sends SIGTERM now
+                deadline = time.monotonic() + 300
+                while self.stop_request.signal_number is None and time.monotonic() < deadline:
+                    time.sleep(0.05)  # so that the stop comes after exactly this iteration
+            return super().train_step(batch)
 
         def checkpoint_and_stop(self, iterations_done):
             torch.save(self.teacher.state_dict(), self._rank_file("teacher_stopped.pt"))
@@ -96,32 +104,35 @@ def _fold(env: dict[str, str], trainer: str = TRAINER) -> Path:
     return Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
 
 
-def _torchrun(env: dict[str, str], entry: list[str], *extra: str, stop_at: str | None = None,
+def _torchrun(env: dict[str, str], entry: list[str], *extra: str, stop_when: list[Path] | None = None,
               timeout: float = 900) -> tuple[int, str]:
-    """Run torchrun with 2 CPU processes; SIGTERM its process group once a line equals ``stop_at``."""
+    """Run torchrun with 2 CPU processes; SIGTERM its process group once all ``stop_when`` files exist."""
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *entry, str(DATASET_ID), "3d_fullres", "0",
            "-tr", TRAINER, "-device", "cpu", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    watchdog.start()
-    lines, signalled = [], False
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if stop_at is not None and not signalled and line.strip() == stop_at:
+        while stop_when and proc.poll() is None and time.monotonic() < deadline:
+            if all(p.exists() for p in stop_when):
                 os.killpg(proc.pid, signal.SIGTERM)  # what a batch system does to the job step
-                signalled = True
-        return proc.wait(), "".join(lines)
+                break
+            time.sleep(0.1)
+        code = proc.wait(max(1.0, deadline - time.monotonic()))
     finally:
-        watchdog.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(30)
+    return code, "".join(lines)
 
 
 @pytest.fixture(scope="module")
 def preempted(torchrun_env):
-    start = time.monotonic()
-    code, out = _torchrun(torchrun_env, ["-m", "nnunetv2_tak.cli.train_torchrun"], stop_at="Epoch 1")
-    return code, out, time.monotonic() - start
+    markers = [_fold(torchrun_env) / f"rank{r}_in_epoch_1" for r in (0, 1)]
+    return _torchrun(torchrun_env, ["-m", "nnunetv2_tak.cli.train_torchrun"], stop_when=markers)
 
 
 @pytest.fixture(scope="module")
@@ -142,19 +153,17 @@ def _assert_same_teacher(a: dict, b: dict) -> None:
 
 
 def test_sigterm_to_torchrun_checkpoints_every_rank_and_exits(torchrun_env, preempted):
-    code, out, _ = preempted
+    code, out = preempted
     fold = _fold(torchrun_env)
     assert code != 0, out[-4000:]  # torchrun reports the signal it got; the workers stopped on their own
     assert "DDP: world size 2, gloo backend" in out
-    stopped_after = re.search(r"Training stopped by SIGTERM in epoch 1 after (\d) iteration\(s\)", out)
-    assert stopped_after, out[-4000:]
-    done = int(stopped_after.group(1))  # 1 unless the signal was slower than an iteration
+    assert "Training stopped by SIGTERM in epoch 1 after 1 iteration(s)" in out, out[-4000:]
     assert f"{fold / 'checkpoint_latest.pth'} written. Run the same command with --c" in out
     assert "Unable to shutdown process" not in out  # no rank needed SIGKILL
     assert not (fold / "checkpoint_final.pth").exists()
     latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 1  # --c runs the interrupted epoch again
-    assert latest["tak_ssl"]["teacher"]["step"] == ITERATIONS + done
+    assert latest["tak_ssl"]["teacher"]["step"] == ITERATIONS + 1
     assert {len(v) for v in latest["logging"].values()} == {1}  # epoch 0 only, the partial epoch dropped
     stopped = [_teacher(fold / f"rank{r}_teacher_stopped.pt") for r in (0, 1)]
     _assert_same_teacher(stopped[0], stopped[1])
@@ -174,8 +183,7 @@ def test_resume_finishes_with_identical_teachers_and_disjoint_shards(torchrun_en
     assert shards[0] | shards[1] == set(setups[0]["all"]) and len(setups[0]["all"]) == 3
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == EPOCHS
-    stopped = _teacher(fold / "rank0_teacher_stopped.pt")["step"]  # first run: epoch 0 and part of epoch 1
-    assert final["tak_ssl"]["teacher"]["step"] == stopped + (EPOCHS - 1) * ITERATIONS  # epoch 1 again, epoch 2
+    assert final["tak_ssl"]["teacher"]["step"] == ITERATIONS + 1 + (EPOCHS - 1) * ITERATIONS  # epoch 1 again, 2
     teachers = [_teacher(fold / f"rank{r}_teacher_final.pt") for r in (0, 1)]
     _assert_same_teacher(teachers[0], teachers[1])
     _assert_same_teacher(teachers[0], final["tak_ssl"]["teacher"])
