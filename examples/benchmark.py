@@ -480,6 +480,8 @@ def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[
             continue
         clusters = [u[0] for u in common]
         note = f"; seeds {unpaired} skipped: only one of the two has them" if unpaired else ""
+        if len(common) < 10:
+            note += "; too few pairs for a bootstrap interval to mean much"
         lines.append(f"- **{name}** ({len(common)} (seed, case) pairs of seeds {seeds}{note}):")
         for gname, organs in groups:
             if not organs:

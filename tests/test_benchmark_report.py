@@ -162,13 +162,14 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     assert "| stock | none | adrenal |" in report  # stuck organs per seed
     assert "| tak_notext | adrenal | - |" in report  # seed 1 not run
     lines = report.splitlines()
-    assert "- **tak - stock** (6 (seed, case) pairs of seeds [0, 1]):" in lines
+    assert ("- **tak - stock** (6 (seed, case) pairs of seeds [0, 1]; too few pairs for a bootstrap interval to "
+            "mean much):") in lines
     assert ("  - tak - stock on small organs: +0.100 [0.100, 0.100], resolved (tak better); seeds resampled as "
             "clusters [0.100, 0.100], resolved") in lines
     assert any(line.startswith("  - tak - stock on large organs: +0.000 [0.000, 0.000], not resolved")
                for line in lines)
     assert ("- **tak - tak_notext** (3 (seed, case) pairs of seeds [0]; seeds [1] skipped: only one of the two "
-            "has them):") in lines
+            "has them; too few pairs for a bootstrap interval to mean much):") in lines
     assert ("- Not compared (one side has no results): tak - tak_randomtext, tak - tak_nounlabeled, "
             "tak - tak_nocontrastive, tak_centredtext - tak, tak_centredtext - tak_notext, tak_centredtext - stock, "
             "tak_unsup_dicece - tak.") in lines
