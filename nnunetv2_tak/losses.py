@@ -133,16 +133,16 @@ def text_visual_contrastive_loss(deep_features: list[torch.Tensor], labels: torc
     return stacked.sum() if stage_reduction == "sum" else stacked.mean()
 
 
-def _flatten_valid(logits: torch.Tensor, target: torch.Tensor,
-                   ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, C, *S], target [B, 1, *S] or [B, *S] -> (float32 logits [V, C], target [V]) of the
-    voxels whose label is not ``ignore_index``."""
-    target = (target[:, 0] if target.ndim == logits.ndim else target).long().reshape(-1)
-    flat = logits.float().movedim(1, -1).reshape(-1, logits.shape[1])
-    if ignore_index is not None:
-        keep = target != ignore_index
-        flat, target = flat[keep], target[keep]
-    return flat, target
+def _labels_and_valid(logits: torch.Tensor, target: torch.Tensor,
+                      ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """target [B, 1, *S] or [B, *S] -> (labels [B, 1, N] long with ignored voxels set to 0, valid mask
+    [B, 1, N] or None when nothing can be ignored). No copy of the C-channel logits is made."""
+    b = logits.shape[0]
+    labels = (target[:, 0] if target.ndim == logits.ndim else target).reshape(b, 1, -1).long()
+    if ignore_index is None:
+        return labels, None
+    valid = labels != ignore_index
+    return labels.masked_fill(~valid, 0), valid
 
 
 def ga_cross_entropy(logits: torch.Tensor, target: torch.Tensor, top_fraction: float = 0.1, gamma: float = 0.5,
@@ -150,17 +150,22 @@ def ga_cross_entropy(logits: torch.Tensor, target: torch.Tensor, top_fraction: f
     """GACE: per-voxel CE, keep the M = max(1, int(top_fraction * V)) voxels with the largest CE, then
     sum_c (sum of kept CE of class c) / ((n_c + eps)^(1 - gamma) * M^gamma), n_c = kept voxels of class c.
 
-    logits [B, C, *S], target [B, 1, *S] (or [B, *S]); V = non-ignored voxels. Float32.
+    logits [B, C, *S], target [B, 1, *S] (or [B, *S]); V = non-ignored voxels. Float32; only [B, N]-sized
+    temporaries besides the CE itself (memory bounded for many classes).
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        flat, labels = _flatten_valid(logits, target, ignore_index)
+        b, num_classes = logits.shape[:2]
+        labels, valid = _labels_and_valid(logits, target, ignore_index)
+        ce = F.cross_entropy(logits.float().reshape(b, num_classes, -1), labels[:, 0], reduction="none")  # [B, N]
+        ce, labels = ce.reshape(-1), labels.reshape(-1)
+        if valid is not None:
+            keep = valid.reshape(-1)
+            ce, labels = ce[keep], labels[keep]
         if labels.numel() == 0:
             return logits.sum() * 0.0
-        ce = F.cross_entropy(flat, labels, reduction="none")
         m = max(1, int(top_fraction * labels.numel()))
         kept_ce, kept = torch.topk(ce, m, sorted=False)
         kept_labels = labels[kept]
-        num_classes = logits.shape[1]
         per_class = torch.zeros(num_classes, device=ce.device).index_add_(0, kept_labels, kept_ce)
         counts = torch.bincount(kept_labels, minlength=num_classes).float()
         return (per_class / ((counts + eps) ** (1.0 - gamma) * float(m) ** gamma)).sum()
@@ -171,21 +176,33 @@ def ga_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int |
     a class present in the target: 1 - 2 sum(p_c t_c) / (sum p_c^2 + sum t_c^2);
     an absent class: sum_v sg(p_c(v) / V) * p_c(v) (sg = stop-gradient, V = non-ignored voxels).
 
-    logits [B, C, *S] -> softmax p; target [B, 1, *S] (or [B, *S]). Float32.
+    logits [B, C, *S] -> softmax p; target [B, 1, *S] (or [B, *S]). Float32. The one-hot target is never
+    built: sum p_c t_c is a gather + index_add, sum t_c^2 a bincount, so besides p only one [B, C, N]
+    temporary (p^2) is held.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        flat, labels = _flatten_valid(logits, target, ignore_index)
-        if labels.numel() == 0:
+        b, num_classes = logits.shape[:2]
+        labels, valid = _labels_and_valid(logits, target, ignore_index)
+        probs = torch.softmax(logits.float().reshape(b, num_classes, -1), dim=1)  # [B, C, N]
+        p_true = probs.gather(1, labels)  # [B, 1, N]
+        p_sq = probs.square()
+        if valid is not None:
+            p_true = p_true * valid
+            p_sq = p_sq * valid
+            flat_labels = labels[valid]
+        else:
+            flat_labels = labels.reshape(-1)
+        num_voxels = flat_labels.numel()
+        if num_voxels == 0:
             return logits.sum() * 0.0
-        num_classes = logits.shape[1]
-        probs = torch.softmax(flat, dim=1)  # [V, C]
-        onehot = F.one_hot(labels, num_classes).float()
-        intersection = (probs * onehot).sum(0)
-        t_sq = onehot.sum(0)
-        present = t_sq > 0
-        dice = 1.0 - 2.0 * intersection / ((probs * probs).sum(0) + t_sq).clamp_min(1e-12)
-        absent = (probs.detach() / labels.numel() * probs).sum(0)
-        return torch.where(present, dice, absent).mean()
+        intersection = torch.zeros(num_classes, device=probs.device).index_add_(0, labels.reshape(-1),
+                                                                                 p_true.reshape(-1))
+        t_sq = torch.bincount(flat_labels, minlength=num_classes).float()
+        p_sq = p_sq.sum(dim=(0, 2))  # [C]
+        dice = 1.0 - 2.0 * intersection / (p_sq + t_sq).clamp_min(1e-12)
+        # sum_v sg(p / V) * p: the value of sum p^2 / V with half its gradient
+        absent = (0.5 * p_sq + 0.5 * p_sq.detach()) / num_voxels
+        return torch.where(t_sq > 0, dice, absent).mean()
 
 
 class GALoss(nn.Module):
