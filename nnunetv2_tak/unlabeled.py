@@ -242,8 +242,22 @@ def _read_lock(path: Path) -> dict | None:
         return None
 
 
+def _slurm_identity() -> dict:
+    """The batch job this process belongs to: SLURM keeps SLURM_JOB_ID when it requeues a job and counts the
+    restarts, so a lock of the same job with another restart count was left by a preempted earlier run."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
+
+
 def _dead_here(holder: dict | None) -> bool:
-    return holder is not None and holder.get("host") == _host() and not _pid_alive(holder["pid"])
+    """The lock's holder no longer runs: a dead pid on this host, or an earlier run of this SLURM job."""
+    if holder is None:
+        return False
+    if holder.get("host") == _host() and not _pid_alive(holder["pid"]):
+        return True
+    mine = _slurm_identity()
+    return bool(mine) and holder.get("slurm_job") == mine["slurm_job"] \
+        and holder.get("slurm_restart") != mine["slurm_restart"]
 
 
 def _describe_lock(holder: dict | None) -> str:
@@ -253,11 +267,12 @@ def _describe_lock(holder: dict | None) -> str:
 
 
 def _acquire_shard_lock(folder: Path, shard: int, num_shards: int, log: Callable[[str], None]) -> Path:
-    """An O_EXCL lock file per shard, holding pid, host and start time. A lock left by a killed process on this
-    machine is taken over; any other held lock is an error that names the shard and how to clear it."""
+    """An O_EXCL lock file per shard, holding pid, host, start time and SLURM job. A lock left by a killed
+    process on this machine, or by an earlier (preempted, requeued) run of the same SLURM job on any machine,
+    is taken over; any other held lock is an error that names the shard and how to clear it."""
     path = _part_file(folder, shard, num_shards, "lock")
     me = {"pid": os.getpid(), "host": _host(),
-          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **_slurm_identity()}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -301,14 +316,33 @@ def _release_shard_lock(path: Path) -> None:
 
 
 # --- manifests ----------------------------------------------------------------------------------
-def _read_manifests(folder: Path) -> dict[Path, dict]:
-    """Every manifest of the folder: ``tak_unlabeled.json`` (runs without --shard) and one part per shard."""
+def _read_manifests(folder: Path, attempts: int = 5) -> dict[Path, dict]:
+    """Every manifest of the folder: ``tak_unlabeled.json`` (runs without --shard) and one part per shard.
+    A part that vanishes while it is read has just been folded into ``tak_unlabeled.json`` by another run:
+    everything is read again."""
+    for _ in range(attempts - 1):
+        manifests = _read_manifests_once(folder)
+        if manifests is not None:
+            return manifests
+    manifests = _read_manifests_once(folder)
+    if manifests is None:
+        raise UnlabeledDataError(f"the manifests in {folder} kept changing while they were read ({attempts} "
+                                 "attempts); wait for the other preprocessing runs to finish and run again")
+    return manifests
+
+
+def _read_manifests_once(folder: Path) -> dict[Path, dict] | None:
+    """The manifests, or None when a shard part disappeared between listing and reading."""
     paths = [folder / MANIFEST] if (folder / MANIFEST).is_file() else []
     paths += [path for _, path in sorted(_shard_files(folder, "json").items())]
     manifests = {}
     for path in paths:
         try:
             manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            if path.name == MANIFEST:
+                raise
+            return None
         except (OSError, ValueError) as exc:
             raise UnlabeledDataError(f"{path} cannot be read ({exc}); delete it and run nnUNetv2_tak_preprocess_"
                                      "unlabeled again (only cases without a record are redone)") from exc

@@ -246,3 +246,24 @@ def test_written_files_follow_the_umask_like_nnunet_files(prepared_dataset, tmp_
     modes = {**parts, **{p.name: stat.S_IMODE(p.stat().st_mode) for p in files}}
     assert len(parts) == 2
     assert {name: oct(mode) for name, mode in modes.items()} == {name: oct(expected) for name in modes}
+
+
+def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued array task usually lands on another node: its own earlier lock (same SLURM_JOB_ID, another
+    SLURM_RESTART_COUNT) is stale; a lock of another job on another host is not."""
+    from nnunetv2_tak.unlabeled import _acquire_shard_lock, _part_file
+
+    lock = _part_file(tmp_path, 1, 3, "lock")
+    earlier = {"pid": 1, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
+               "slurm_job": "4242", "slurm_restart": "0"}
+    lock.write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    messages: list[str] = []
+    assert _acquire_shard_lock(tmp_path, 1, 3, messages.append) == lock
+    holder = json.loads(lock.read_text())
+    assert holder["pid"] == os.getpid() and holder["slurm_restart"] == "1" and "took over" in messages[0]
+
+    lock.write_text(json.dumps({**earlier, "slurm_job": "999"}))  # another job, alive for all we know
+    with pytest.raises(UnlabeledDataError, match=r"shard 1 of 3 .* already being preprocessed"):
+        _acquire_shard_lock(tmp_path, 1, 3, messages.append)
