@@ -60,8 +60,14 @@ class TextPriorConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, int | bool | str]) -> TextPriorConfig:
-        """Unknown keys are ignored; keys missing in older plans take their defaults."""
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        """Keys missing in older plans take their defaults; an unknown key (plans written by a newer
+        nnunetv2_tak) is an error: ignoring it would build another network than the one trained."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"the plans' text-prior head settings have keys this nnunetv2_tak does not know "
+                             f"({', '.join(unknown)}): they were written by a newer version. Upgrade nnunetv2_tak "
+                             "(pip install -U nnunetv2-tak) to use this model.")
+        return cls(**values)
 
     @property
     def num_dynamic_params(self) -> int:

@@ -95,10 +95,12 @@ def test_state_dict_and_plans_round_trip():
         torch.testing.assert_close(rebuilt(x), net(x))
 
 
-def test_old_plans_and_unknown_keys_load_and_bad_values_are_named():
+def test_old_plans_load_unknown_keys_are_refused_and_bad_values_are_named():
     old = TextPriorConfig().to_dict()
     del old["text_centering"]  # plans written before the knob existed
-    assert TextPriorConfig.from_dict({**old, "some_future_key": 1}).text_centering == "none"
+    assert TextPriorConfig.from_dict(old).text_centering == "none"
+    with pytest.raises(ValueError, match=r"does not know \(some_future_key\).*newer version"):
+        TextPriorConfig.from_dict({**old, "some_future_key": 1})  # would silently build another network
     with pytest.raises(ValueError, match=r"text_centering must be one of none, center, center_scale, not 'mean'"):
         TextPriorConfig(text_centering="mean")
 
