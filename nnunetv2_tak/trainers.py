@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import sys
 from typing import ClassVar
 
@@ -283,34 +284,27 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
 
     # --- unlabeled stream -------------------------------------------------------------------
     def find_unlabeled_cases(self) -> ImageOnlyDataset:
-        """imagesUnlabeled/ (preprocessed on first use, rank 0 first under DDP) plus this fold's
+        """imagesUnlabeled/ (preprocessed on first use, by rank 0 alone under DDP) plus this fold's
         split-marked unlabeled cases (images only, labels never opened); this rank's disjoint shard."""
         if self.is_cascaded:
             raise UnlabeledDataError(f"{type(self).__name__} does not support cascaded configurations "
                                      f"({self.configuration_name}); train 3d_fullres, 3d_lowres or 2d.")
-        raw = raw_dataset_folder(self.plans_manager.dataset_name)
-        sources = []
-        if raw is not None and (raw / UNLABELED_DIR).is_dir():
-            if self.is_ddp and self.local_rank != 0:
-                dist.barrier()
-            folder, cases = preprocess_unlabeled(
-                raw, self.preprocessed_dataset_folder_base, self.plans_manager.plans, self.configuration_name,
-                self.dataset_json, num_processes=max(1, min(default_num_processes, 8)),
-                progress=self.local_rank == 0, log=self.print_to_log_file)
-            if self.is_ddp and self.local_rank == 0:
-                dist.barrier()
-            sources.append((folder, cases))
-        else:  # nnUNet_raw not available here (e.g. only nnUNet_preprocessed copied to a cluster)
-            found = preprocessed_unlabeled_cases(self.preprocessed_dataset_folder_base, self.plans_manager.plans,
-                                                 self.configuration_name, self.dataset_json)
-            if found is not None:
-                self.print_to_log_file(f"TAK: nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_DIR} not found; "
-                                       f"using the preprocessed unlabeled cases in {found[0]}")
-                sources.append(found)
-        split_cases = split_unlabeled_cases(os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
-                                            self.fold)
-        if split_cases:  # checked against the fold's train/val cases by split_unlabeled_cases
-            sources.append((self.preprocessed_dataset_folder, split_cases))
+        if self.is_ddp:
+            # rank 0 alone looks at nnUNet_raw and preprocesses; every rank gets its case list, so all ranks
+            # agree on the cases and on the collectives even when only some nodes see nnUNet_raw
+            payload: list = [None]
+            if dist.get_rank() == 0:
+                try:
+                    payload = [("ok", self._unlabeled_sources())]
+                except UnlabeledDataError as exc:
+                    payload = [("error", str(exc))]
+            dist.broadcast_object_list(payload, src=0)
+            status, value = payload[0]
+            if status == "error":
+                raise UnlabeledDataError(value)
+            sources = value
+        else:
+            sources = self._unlabeled_sources()
         dataset = ImageOnlyDataset.from_folders(sources)
         if len(dataset) == 0:
             raise UnlabeledDataError(
@@ -323,6 +317,29 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
             shard = shard_for_rank(dataset.identifiers, dist.get_rank(), dist.get_world_size())
             dataset = ImageOnlyDataset({case: dataset.sources[case] for case in shard})
         return dataset
+
+    def _unlabeled_sources(self) -> list[tuple]:
+        """[(preprocessed folder, case ids)]: imagesUnlabeled/ (preprocessed now if needed) or, without
+        nnUNet_raw, an up-to-date preprocessed unlabeled folder; plus the split's unlabeled cases."""
+        raw = raw_dataset_folder(self.plans_manager.dataset_name)
+        sources = []
+        if raw is not None and (raw / UNLABELED_DIR).is_dir():
+            sources.append(preprocess_unlabeled(
+                raw, self.preprocessed_dataset_folder_base, self.plans_manager.plans, self.configuration_name,
+                self.dataset_json, num_processes=max(1, min(default_num_processes, 8)), progress=True,
+                log=self.print_to_log_file))
+        else:  # nnUNet_raw not available here (e.g. only nnUNet_preprocessed copied to a cluster)
+            found = preprocessed_unlabeled_cases(self.preprocessed_dataset_folder_base, self.plans_manager.plans,
+                                                 self.configuration_name, self.dataset_json)
+            if found is not None:
+                self.print_to_log_file(f"TAK: nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_DIR} not found; "
+                                       f"using the preprocessed unlabeled cases in {found[0]}")
+                sources.append(found)
+        split_cases = split_unlabeled_cases(os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
+                                            self.fold)
+        if split_cases:  # checked against the fold's train/val cases by split_unlabeled_cases
+            sources.append((self.preprocessed_dataset_folder, split_cases))
+        return sources
 
     def unlabeled_digest(self) -> str:
         return hashlib.sha256("\n".join(sorted(self.unlabeled_cases)).encode()).hexdigest()
@@ -563,10 +580,27 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
         if extending:
             self._log_extension(old_epochs)
+            self._retire_final_checkpoint(filename_or_checkpoint, old_epochs)
         if self.teacher is not None:
             self.teacher.load_state_dict(ssl["teacher"])
         self.loss.load_state_dict(ssl["loss_state"])
         self._restored_unlabeled_digest = ssl["unlabeled_digest"]
+
+    def _retire_final_checkpoint(self, filename: str | dict, old_epochs: int) -> None:
+        """nnU-Net's --c always prefers checkpoint_final.pth. Once a finished run is extended, its final
+        checkpoint becomes checkpoint_final_epoch<N>.pth and a copy of it checkpoint_latest.pth, so a later
+        --c (after preemption) resumes the extended run instead of restarting it at the old end."""
+        if not isinstance(filename, str) or os.path.basename(filename) != "checkpoint_final.pth":
+            return
+        if self.is_ddp:
+            dist.barrier()  # every rank has read the file
+        if self.local_rank == 0:
+            folder = os.path.dirname(os.path.abspath(filename))
+            kept = os.path.join(folder, f"checkpoint_final_epoch{old_epochs}.pth")
+            shutil.copyfile(filename, os.path.join(folder, "checkpoint_latest.pth"))
+            os.replace(filename, kept)
+            self.print_to_log_file(f"TAK: the finished run's checkpoint_final.pth is kept as {os.path.basename(kept)}; "
+                                   "checkpoint_latest.pth now carries the extended run")
 
     def _log_extension(self, old_epochs: int) -> None:
         """Log the schedules at the resume epoch under the old and the new length (they are recomputed)."""

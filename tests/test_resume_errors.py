@@ -79,6 +79,14 @@ def test_finished_run_extends_only_when_allowed_with_ramps_recomputed(nnunet_env
     allowed = new_trainer(ExtendAllowedTrainer, nnunet_env)
     allowed.load_checkpoint(str(final))
     assert allowed.current_epoch == 1
+    # nnU-Net's --c prefers checkpoint_final.pth: the old one is moved aside so a preempted extension resumes
+    folder = Path(first.output_folder)
+    kept = folder / "checkpoint_final_epoch1.pth"
+    assert not final.exists() and kept.is_file()
+    latest = torch.load(folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 1 and latest["tak_ssl"]["teacher"]["step"] == 2
+    kept.replace(final)  # undo, for the checks below
+    (folder / "checkpoint_latest.pth").unlink()
 
     monkeypatch.setattr(ExtendTrainer, "epochs", 1)
     monkeypatch.setattr(ExtendTrainer, "iterations_per_epoch", 3)  # other settings stay refused
@@ -97,6 +105,7 @@ def test_finished_run_extends_only_when_allowed_with_ramps_recomputed(nnunet_env
     assert f"learning rate 0 -> {lr:.4g}" in log  # poly LR: 0 at the old end, rises again
     resumed.run_training()
     assert resumed.current_epoch == 2 and resumed.teacher.step == 4
+    assert kept.is_file() and torch.load(final, map_location="cpu", weights_only=False)["current_epoch"] == 2
     weight = resumed.logger.get_value("tak_unsup_weight", 1)
     assert weight == pytest.approx(resumed.ssl_weights(1)["unsup"])  # the ramp over 2 epochs, not 1
     assert resumed.ssl_weights(1)["unsup"] < resumed.unsup_weight * sigmoid_rampup(1, 1)
