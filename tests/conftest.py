@@ -77,3 +77,18 @@ def nnunet_env(prepared_dataset, monkeypatch) -> PreparedDataset:
                 "HF_HUB_OFFLINE"):
         monkeypatch.setenv(var, prepared_dataset.env[var])
     return prepared_dataset
+
+
+def make_text_dataset(tmp_path: Path, monkeypatch, name: str, labels: dict[str, int]) -> tuple[Path, Path, dict]:
+    """A dataset known to nnU-Net (raw + preprocessed folders with dataset.json), no images, offline hub:
+    (raw folder, preprocessed folder, dataset.json)."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": dict(labels), "numTraining": 0, "file_ending": ".nii.gz"}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        folder = tmp_path / var / name
+        folder.mkdir()
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    return tmp_path / "nnUNet_raw" / name, tmp_path / "nnUNet_preprocessed" / name, dataset_json

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_text_dataset
 
 from nnunetv2_tak.cli.encode_prompts import main as encode_main
 from nnunetv2_tak.text import (
@@ -62,16 +63,8 @@ def expected_embeddings(model: torch.nn.Module, prompts) -> torch.Tensor:
 @pytest.fixture
 def dataset(tmp_path, monkeypatch):
     """A dataset known to nnU-Net (raw + preprocessed folders with dataset.json); no images needed."""
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / var).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / var))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dataset_json = {"channel_names": {"0": "CT"}, "labels": dict(LABELS), "numTraining": 0, "file_ending": ".nii.gz"}
-    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        folder = tmp_path / var / DATASET
-        folder.mkdir()
-        (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    return tmp_path / "nnUNet_preprocessed" / DATASET, dataset_json
+    _, pre, dataset_json = make_text_dataset(tmp_path, monkeypatch, DATASET, LABELS)
+    return pre, dataset_json
 
 
 def test_local_dir_tiny_model_random_weights_encodes_with_its_own_weights(dataset, tmp_path, monkeypatch, capsys):
