@@ -92,3 +92,33 @@ def make_text_dataset(tmp_path: Path, monkeypatch, name: str, labels: dict[str, 
         folder.mkdir()
         (folder / "dataset.json").write_text(json.dumps(dataset_json))
     return tmp_path / "nnUNet_raw" / name, tmp_path / "nnUNet_preprocessed" / name, dataset_json
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(filename: str, module_name: str):
+    """Import a script of examples/ as a module (they are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_predictions_on_label_grid(pred: Path, labels_dir: Path, num_classes: int) -> None:
+    """Every reference label file has a prediction with its size, spacing, origin and direction, holding
+    only labels in [0, num_classes)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    cases = sorted(p.name for p in labels_dir.glob("*.nii.gz"))
+    assert cases and sorted(p.name for p in pred.glob("*.nii.gz")) == cases
+    for name in cases:
+        ref, out = sitk.ReadImage(str(labels_dir / name)), sitk.ReadImage(str(pred / name))
+        assert out.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing())
+        np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin())
+        np.testing.assert_allclose(out.GetDirection(), ref.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) <= set(range(num_classes))

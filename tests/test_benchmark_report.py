@@ -4,23 +4,18 @@ files, and the report tables. The training runs themselves are the stock CLI (te
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tak_benchmark_example", EXAMPLES / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark.py", "tak_benchmark_example")
 
 
 def _write_labels(path: Path, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> None:

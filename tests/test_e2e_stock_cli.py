@@ -12,11 +12,9 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import DATASET_ID, nnunet_cli
+from conftest import DATASET_ID, assert_predictions_on_label_grid, nnunet_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -70,21 +68,12 @@ def test_predict_from_checkpoint_alone_and_evaluate(trained, tmp_path):
     pred = tmp_path / "pred"
     nnunet_cli("nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", str(DATASET_ID), "-c", "3d_fullres",
                "-f", "0", "-tr", TRAINER, "-device", "cpu", "--disable_tta", "-chk", "checkpoint_final.pth", env=env)
-    cases = sorted(p.name for p in (data.raw / "labelsTs").glob("*.nii.gz"))
-    assert cases and sorted(p.name for p in pred.glob("*.nii.gz")) == cases
-    for name in cases:
-        ref, out = sitk.ReadImage(str(data.raw / "labelsTs" / name)), sitk.ReadImage(str(pred / name))
-        assert out.GetSize() == ref.GetSize()
-        np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing())
-        np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin())
-        np.testing.assert_allclose(out.GetDirection(), ref.GetDirection())
-        labels = np.unique(sitk.GetArrayFromImage(out))
-        assert set(labels.tolist()) <= set(range(16))
+    assert_predictions_on_label_grid(pred, data.raw / "labelsTs", 16)
 
     nnunet_cli("nnUNetv2_evaluate_folder", str(data.raw / "labelsTs"), str(pred), "-djfile",
                str(model / "dataset.json"), "-pfile", str(model / "plans.json"), "-np", "1", env=env)
     summary = json.loads((pred / "summary.json").read_text())
-    assert len(summary["metric_per_case"]) == len(cases)
+    assert len(summary["metric_per_case"]) == len(list((data.raw / "labelsTs").glob("*.nii.gz")))
     assert set(summary["mean"]) == {str(i) for i in range(1, 16)}
     assert all("Dice" in v for v in summary["mean"].values())
 

@@ -4,25 +4,20 @@ the stock CLI, tested end to end in test_e2e_stock_cli.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = {0: "background", 1: "liver", 2: "right adrenal gland", 3: "aorta", 4: "pancreas", 5: "duodenum"}
 
 
 @pytest.fixture(scope="module")
 def quickstart():
-    spec = importlib.util.spec_from_file_location("tak_quickstart_example", EXAMPLES / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("quickstart.py", "tak_quickstart_example")
 
 
 def test_dice_table_flags_organs_at_zero_and_averages_the_others(quickstart):

@@ -16,11 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import BIN, DATASET_ID, nnunet_cli
+from conftest import BIN, DATASET_ID, assert_predictions_on_label_grid, nnunet_cli
 from nnunetv2.run.run_training import maybe_load_checkpoint
 from test_trainer import new_trainer
 
@@ -197,13 +195,7 @@ def test_stock_predict_from_the_torchrun_checkpoint(prepared_dataset, torchrun_e
     nnunet_cli("nnUNetv2_predict", "-i", str(prepared_dataset.raw / "imagesTs"), "-o", str(pred), "-d",
                str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", "--disable_tta",
                "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1", env=torchrun_env)
-    cases = sorted(p.name for p in (prepared_dataset.raw / "labelsTs").glob("*.nii.gz"))
-    assert cases and sorted(p.name for p in pred.glob("*.nii.gz")) == cases
-    for name in cases:
-        ref, out = sitk.ReadImage(str(prepared_dataset.raw / "labelsTs" / name)), sitk.ReadImage(str(pred / name))
-        assert out.GetSize() == ref.GetSize()
-        np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing())
-        assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) <= set(range(16))
+    assert_predictions_on_label_grid(pred, prepared_dataset.raw / "labelsTs", 16)
 
 
 def test_single_process_stop_on_sigusr1_exits_75_and_resumes(nnunet_env, torchrun_env, monkeypatch):
