@@ -28,7 +28,8 @@ Protocol (all through the stock nnU-Net commands):
 
 With ``--reference-epochs N`` the fully supervised reference trains N epochs (its own results folder,
 trainer nnUNetTrainer_BenchReference) instead of the shared budget, so that it is an upper bound; the
-report says so.
+report says so. ``--external NAME=FOLDER{seed}`` scores another build's (or tool's) test predictions as one
+more method, paired with stock and tak on the same scans (e.g. an earlier release of this plugin).
 
 Profiles: "cpu" (default; about 87 minutes on 2 CPU cores for the five default methods and one seed):
 a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
@@ -258,6 +259,20 @@ def organ_groups(gt_dir: Path, labels: dict[int, str], threshold_ml: float) -> t
     return [k for k in labels if k not in small], small
 
 
+def parse_externals(values: list[str]) -> dict[str, str]:
+    """``["NAME=FOLDER{seed}", ...]`` -> {NAME: pattern}; names must be new and patterns must hold {seed}."""
+    externals = {}
+    for value in values:
+        name, sep, pattern = value.partition("=")
+        if not sep or not name or "{seed}" not in pattern:
+            raise SystemExit(f"--external {value!r}: write NAME=FOLDER with {{seed}} in FOLDER, e.g. "
+                             "tak_release01=old_work/predictions/tak_seed{seed}")
+        if name in METHODS or name in externals:
+            raise SystemExit(f"--external {value!r}: the name {name!r} is taken; choose another")
+        externals[name] = pattern
+    return externals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="benchmark_work")
@@ -281,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse trainings that already have checkpoint_final.pth "
                                                           "in --work-dir (only after a run with the same settings)")
     p.add_argument("--text-embeddings", default=os.environ.get("TAK_TEXT_EMBEDDINGS", str(DEFAULT_EMBEDDINGS)))
+    p.add_argument("--external", action="append", default=[], metavar="NAME=FOLDER",
+                   help="score the test-set predictions of another build or tool as one more method, paired with "
+                        "the others on the same scans; FOLDER holds one file per test scan and contains {seed} "
+                        "(e.g. tak_release01=../old/predictions/tak_seed{seed}); compared with stock and tak")
     args = p.parse_args(argv)
+    externals = parse_externals(args.external)
 
     work = Path(args.work_dir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -307,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     n_test = len(list((dataset / "labelsTs").glob("*.nii.gz")))
 
     rows, case_rows, costs, pl_quality = [], [], [], {}
+    comparisons = COMPARISONS + [pair for name in externals for pair in ((name, "stock"), ("tak", name))]
     for seed in args.seeds:
         for method in args.methods:
             trainer, kind = METHODS[method]
@@ -350,7 +371,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
                   f"{np.nanmean([s['dice'] for s in scores.values()]):.3f}", flush=True)
             write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
-                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs)
+                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
+                         comparisons=comparisons)
+        for name, pattern in externals.items():
+            folder = Path(pattern.format(seed=seed))
+            if not folder.is_dir():
+                raise SystemExit(f"--external {name}: {folder} (seed {seed}) is not a folder; give a pattern with "
+                                 "{seed} that names a prediction folder for every --seeds value")
+            per_case = evaluate_cases(folder, dataset / "labelsTs", labels, args.nsd_mm)  # stops on a missing scan
+            rows += [{"method": name, "seed": seed, "label": label, "organ": labels[label], **metric}
+                     for label, metric in mean_over_cases(per_case, labels).items()]
+            case_rows += [{"method": name, "seed": seed, "case": case, "label": label, **metric}
+                          for case, per_label in per_case.items() for label, metric in per_label.items()]
+            write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
+                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
+                         comparisons=comparisons)
     print(f"\ntotal wall time {(time.time() - started) / 60:.1f} min; report in {work / 'report'}")
     return 0
 
@@ -358,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[int, str], large: list[int],
                  small: list[int], args: argparse.Namespace, *, n_test: int, case_rows: list[dict] | None = None,
                  pl_quality: dict[tuple[str, int], list[dict]] | None = None, epochs: int | None = None,
-                 reference_epochs: int | None = None) -> None:
+                 reference_epochs: int | None = None,
+                 comparisons: list[tuple[str, str]] | None = None) -> None:
     """CSV of every (method, seed, organ), of every (method, seed, case, organ) and of the costs; Markdown
     tables of per-organ means (spread over seeds), organs stuck at 0, paired differences with bootstrap
     intervals, fraction of the gap closed, pseudo-label quality and the cost ratios to the stock trainer;
@@ -407,7 +443,7 @@ def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[i
         lines.append("")
     lines += stuck_table(rows, labels)
     if case_rows:
-        lines += evidence_section(case_rows, labels, large, small, args.bootstrap)
+        lines += evidence_section(case_rows, labels, large, small, args.bootstrap, comparisons or COMPARISONS)
     if pl_quality:
         lines += pseudo_label_section(out, pl_quality, labels, large, small)
     lines += cost_table(costs)
@@ -444,8 +480,8 @@ def _dice_units(case_rows: list[dict], method: str, labels: dict[int, str]) -> d
 
 
 def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[int], small: list[int],
-                     resamples: int) -> list[str]:
-    """Markdown lines: paired differences of COMPARISONS with bootstrap 95% intervals over (seed, case)
+                     resamples: int, comparisons: list[tuple[str, str]] = COMPARISONS) -> list[str]:
+    """Markdown lines: paired differences of ``comparisons`` (a - b) with bootstrap 95% intervals over (seed, case)
     pairs (and with seeds resampled as clusters), in words and per organ; fraction of the gap closed."""
     from nnunetv2_tak.evidence import gap_fraction, paired_difference
 
@@ -467,8 +503,8 @@ def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[
              "excludes 0. The second interval resamples whole seeds first (then pairs within them): it also "
              "carries the seed-to-seed spread, which with few seeds the first one understates.", ""]
     table: dict[str, dict[int, str]] = {}
-    not_run = [f"{a} - {b}" for a, b in COMPARISONS if (a in present) != (b in present)]
-    for a, b in COMPARISONS:
+    not_run = [f"{a} - {b}" for a, b in comparisons if (a in present) != (b in present)]
+    for a, b in comparisons:
         name = f"{a} - {b}"
         if a not in present or b not in present:
             continue
@@ -620,6 +656,8 @@ def cost_table(costs: list[dict]) -> list[str]:
         return float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
 
     methods = list(dict.fromkeys(c["method"] for c in costs))
+    if not methods:  # only external predictions: nothing trained here
+        return []
     base = "stock" if "stock" in methods else methods[0]
     lines = [f"### Cost (median over seeds; ratios to {base})", "",
              "| method | s / epoch | x | predict test set [s] | x | confident pseudo-labels (last epoch) |",

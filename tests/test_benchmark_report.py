@@ -185,3 +185,27 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 5): liver, adrenal." \
         in pl_lines  # tak_notext
     assert len((tmp_path / "report" / "pseudo_label_quality.csv").read_text().splitlines()) == 1 + 3 * 2
+
+
+def test_external_predictions_are_named_checked_and_compared_with_stock_and_tak(bench, tmp_path):
+    assert bench.parse_externals(["old=runs/tak_seed{seed}"]) == {"old": "runs/tak_seed{seed}"}
+    for bad, says in (("old=runs/tak_seed0", "{seed}"), ("runs/tak_seed{seed}", "NAME=FOLDER"),
+                      ("tak=runs/{seed}", "taken"), ("=runs/{seed}", "NAME=FOLDER")):
+        with pytest.raises(SystemExit, match=says):
+            bench.parse_externals([bad])
+    with pytest.raises(SystemExit, match="taken"):
+        bench.parse_externals(["old=a{seed}", "old=b{seed}"])
+
+    labels = {1: "liver", 2: "adrenal"}
+    case_rows = (_case_rows("stock", [0, 1], 0.8, 0.3) + _case_rows("tak", [0, 1], 0.8, 0.4)
+                 + _case_rows("old", [0, 1], 0.8, 0.35))
+    args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=200)
+    comparisons = [*bench.COMPARISONS, ("old", "stock"), ("tak", "old")]
+    bench.write_report(tmp_path, _mean_rows(case_rows), [], labels, [1], [2], args, n_test=3,
+                       case_rows=case_rows, comparisons=comparisons)
+    lines = (tmp_path / "report" / "results.md").read_text().splitlines()
+    assert any(line.startswith("  - old - stock on small organs: +0.050 [0.050, 0.050], resolved (old better)")
+               for line in lines)
+    assert any(line.startswith("  - tak - old on small organs: +0.050 [0.050, 0.050], resolved (tak better)")
+               for line in lines)
+    assert "| liver | 0.750 ± 0.000 | 0.750 ± 0.000 | 0.750 ± 0.000 |" in lines  # three method columns
