@@ -605,6 +605,17 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
                     per_seed.append(float(np.nanmean(values)))
         return float(np.mean(per_seed)) if per_seed else float("nan")
 
+    def volume_ratio(method: str, label: int) -> float:
+        """Predicted / true voxels of a class at each seed's last snapshot, summed over seeds (> 1: the
+        teacher over-segments it, < 1: under-segments)."""
+        predicted = true = 0
+        for seed in {r["seed"] for r in records if r["method"] == method}:
+            last = max(r["epoch"] for r in records if r["method"] == method and r["seed"] == seed)
+            for r in records:
+                if (r["method"], r["seed"], r["epoch"], r["label"]) == (method, seed, last, label):
+                    predicted, true = predicted + r["predicted_voxels"], true + r["true_voxels"]
+        return predicted / true if true else float("nan")
+
     lines += ["Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
              "unlabeled cases, which training never reads; per class over all those voxels (preprocessed grid), "
              "mean over seeds. The plot is pseudo_label_quality.png, every number pseudo_label_quality.csv.", ""]
@@ -620,6 +631,8 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
             cells = [mean(method, e, list(labels)), mean(method, e, large), mean(method, e, small)]
             cells += [mean(method, e, [k]) for k in labels]
             lines.append(f"| {e} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+        lines.append("| predicted / true voxels, last snapshot | | | | " + " | ".join(
+            f"{volume_ratio(method, k):.2f}" for k in labels) + " |")
         never = []
         for seed in seeds:
             last = max(r["epoch"] for r in records if r["method"] == method and r["seed"] == seed)

@@ -178,6 +178,7 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     pl_lines = report[report.index("### Pseudo-label quality"):].splitlines()
     assert "| 5 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |" in pl_lines  # classes: (bg,) liver, adrenal
     assert "| 10 | 0.78 | 0.89 | 0.67 | 0.89 | 0.67 |" in pl_lines
+    assert "| predicted / true voxels, last snapshot | | | | 1.25 | 0.50 |" in pl_lines  # over / under-segmented
     assert "Classes the teacher does not predict at all at its last snapshot: seed 0 (epoch 10): none." in pl_lines
     assert "No teacher snapshots (trained before the benchmark trainers kept them): tak seed 1." in pl_lines
     assert (tmp_path / "report" / "pseudo_label_quality.png").stat().st_size > 0
