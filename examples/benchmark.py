@@ -187,14 +187,16 @@ def keeps_snapshots(trainer: str) -> bool:
 
 
 def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folder: Path, num_classes: int,
-                         device: str, cache: Path | None = None) -> list[dict]:
+                         device: str, cache: Path | None = None, final_model: bool = False) -> list[dict]:
     """Score every teacher snapshot of a finished training on labeled preprocessed cases.
 
     The training folder's plans and trainer rebuild the network (nnU-Net's predictor), each snapshot's
     teacher weights are loaded, and its argmax from nnU-Net's sliding window (no mirroring) on each
     preprocessed case [c, *S] is compared with the case's preprocessed labels. Returns, per snapshot,
     {"epoch", "counts" [3, num_classes] (intersection, predicted, true voxels over all cases)}. With
-    ``cache`` (a JSON file) snapshots already scored on the same cases are not predicted again."""
+    ``cache`` (a JSON file) snapshots already scored on the same cases are not predicted again. With
+    ``final_model`` the one "snapshot" is the trained network of checkpoint_final.pth at its last epoch
+    (for stock nnU-Net: what labeled-only training knows about the same unlabeled cases)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -203,7 +205,11 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
     from nnunetv2_tak.evidence import overlap_counts
     from nnunetv2_tak.network import unwrap_network
 
-    snapshots = teacher_snapshots(fold_dir)
+    if final_model:
+        final = fold_dir / "checkpoint_final.pth"
+        snapshots, weights_key = [(int(training_stats(fold_dir)["epochs"]), final)], "network_weights"
+    else:
+        snapshots, weights_key = teacher_snapshots(fold_dir), "teacher"
     known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     if known.get("cases") != cases:
         known = {"cases": cases, "snapshots": {}}
@@ -218,8 +224,9 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
         dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
         loaded = [dataset.load_case(case)[:2] for case in cases]
         for epoch, path in todo:
-            unwrap_network(predictor.network).load_state_dict(  # the predictor may have compiled it
-                torch.load(path, map_location="cpu", weights_only=True)["teacher"])
+            state = torch.load(path, map_location="cpu", weights_only=not final_model)[weights_key]
+            state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+            unwrap_network(predictor.network).load_state_dict(state)  # the predictor may have compiled it
             counts = np.zeros((3, num_classes))
             for data, seg in loaded:
                 logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data)).float())
@@ -359,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
             case_rows += [{"method": method, "seed": seed, "case": case, "label": label, **metric}
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
-            if kind == "few" and not args.no_pseudo_label_quality and keeps_snapshots(trainer):
+            if method == "stock" and not args.no_pseudo_label_quality:  # the baseline for the teachers
+                pl_quality[(method, seed)] = pseudo_label_quality(
+                    output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
+                    profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json", final_model=True)
+            elif kind == "few" and not args.no_pseudo_label_quality and keeps_snapshots(trainer):
                 from nnunetv2_tak.benchmark_trainers import teacher_snapshots
 
                 pl_quality[(method, seed)] = pseudo_label_quality(
@@ -617,8 +628,10 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
         return predicted / true if true else float("nan")
 
     lines += ["Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
-             "unlabeled cases, which training never reads; per class over all those voxels (preprocessed grid), "
-             "mean over seeds. The plot is pseudo_label_quality.png, every number pseudo_label_quality.csv.", ""]
+             "unlabeled cases, which training never reads (for stock, which has no teacher: its final network on "
+             "the same cases, the labeled-only baseline of the pseudo-labels); per class over all those voxels "
+             "(preprocessed grid), mean over seeds. The plot is pseudo_label_quality.png, every number "
+             "pseudo_label_quality.csv.", ""]
     methods = list(dict.fromkeys(r["method"] for r in records))
     fig, axes = plt.subplots(1, 1 + len(methods), figsize=(6 * (1 + len(methods)), 5), squeeze=False)
     for j, method in enumerate(methods):

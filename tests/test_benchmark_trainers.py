@@ -69,6 +69,10 @@ def test_teacher_snapshots_are_small_and_hold_the_teacher_then_evaluate(nnunet_e
         assert labels.sum() == sum(_labeled_voxels(data_folder, c) for c in cases)  # every voxel counted once
         assert counts[1].sum() == labels.sum()  # one prediction per voxel
         assert (counts[0] <= np.minimum(counts[1], counts[2])).all()
+    # the stock baseline's row: the trained network of checkpoint_final.pth at its last epoch
+    final = bench.pseudo_label_quality(folder, 0, cases, data_folder, num_classes=16, device="cpu", final_model=True)
+    assert [q["epoch"] for q in final] == [3]
+    assert np.asarray(final[0]["counts"])[1].sum() == np.asarray(quality[-1]["counts"])[2].sum()
 
 
 def _labeled_voxels(data_folder: Path, case: str) -> int:
