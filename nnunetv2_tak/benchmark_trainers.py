@@ -27,6 +27,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_tak.trainers import (
     nnUNetTrainerTAK,
     nnUNetTrainerTAK_CenteredText,
+    nnUNetTrainerTAK_ConfidentDiceCE,
     nnUNetTrainerTAK_NoContrastive,
     nnUNetTrainerTAK_NoText,
     nnUNetTrainerTAK_NoUnlabeled,
@@ -180,8 +181,6 @@ class nnUNetTrainerTAK_RandomText_Short(ShortSchedule, nnUNetTrainerTAK_RandomTe
     pass
 
 
-class nnUNetTrainerTAK_ConfidentDiceCE_Bench(nnUNetTrainerTAK_Bench):
-    """Issue 9's alternative pseudo-label loss: nnU-Net Dice+CE on confident voxels only (the default is
-    the reference's GADice on every voxel)."""
-
-    unsup_loss = "dice_ce_confident"
+class nnUNetTrainerTAK_ConfidentDiceCE_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_ConfidentDiceCE):
+    """The alternative pseudo-label loss: nnU-Net Dice+CE on confident voxels only (the default is the
+    reference's GADice on every voxel)."""

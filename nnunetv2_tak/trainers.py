@@ -78,6 +78,7 @@ __all__ = [
     "SSLSettingsError",
     "nnUNetTrainerTAK",
     "nnUNetTrainerTAK_CenteredText",
+    "nnUNetTrainerTAK_ConfidentDiceCE",
     "nnUNetTrainerTAK_Debug",
     "nnUNetTrainerTAK_GALoss",
     "nnUNetTrainerTAK_GALoss_Quick",
@@ -721,6 +722,13 @@ class nnUNetTrainerTAK_TextPriorOnly_Debug(_Debug, nnUNetTrainerTAK_TextPriorOnl
 
 class nnUNetTrainerTAK_GALoss_Quick(_Quick, nnUNetTrainerTAK_GALoss):
     pass
+
+
+class nnUNetTrainerTAK_ConfidentDiceCE(nnUNetTrainerTAK):
+    """Pseudo-label loss of release 0.1: nnU-Net's Dice+CE on the teacher's confident voxels only, instead
+    of the reference's GADice on every voxel (README, "Reference vs ours")."""
+
+    unsup_loss = "dice_ce_confident"
 
 
 class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
