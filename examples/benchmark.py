@@ -30,6 +30,8 @@ With ``--reference-epochs N`` the fully supervised reference trains N epochs (it
 trainer nnUNetTrainer_BenchReference) instead of the shared budget, so that it is an upper bound; the
 report says so. ``--external NAME=FOLDER{seed}`` scores another build's (or tool's) test predictions as one
 more method, paired with stock and tak on the same scans (e.g. an earlier release of this plugin).
+``--report-only`` trains nothing: it predicts and reports whatever of ``--methods`` x ``--seeds`` has finished
+(e.g. while other seeds still train; the splits file keeps every seed's folds and is replaced atomically).
 
 Profiles: "cpu" (default; about 87 minutes on 2 CPU cores for the five default methods and one seed):
 a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
@@ -129,12 +131,18 @@ def write_splits(pre: Path, pool: list[str], args: argparse.Namespace) -> None:
     unlabeled), fold 2s+1 = the same validation cases with every other pool case labeled (reference)."""
     from nnunetv2_tak.splits import few_label_split
 
+    path = pre / "splits_final.json"
+    seeds = max(args.seeds) + 1
+    if path.is_file():  # keep the folds of seeds other runs asked for (each seed's folds are fixed by the seed)
+        seeds = max(seeds, len(json.loads(path.read_text())) // 2)
     splits = []
-    for seed in range(max(args.seeds) + 1):
+    for seed in range(seeds):
         order = np.random.default_rng(seed).permutation(pool).tolist()
         few = few_label_split(pool, labeled=order[:args.labeled], val=order[args.labeled:args.labeled + args.val])
         splits += [few, {"train": sorted(few["train"] + few["unlabeled"]), "val": few["val"]}]
-    (pre / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    from nnunetv2_tak.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(splits, indent=1))  # trainings may be reading it
 
 
 def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float
@@ -294,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-epochs", type=int, default=None,
                    help="train the fully supervised reference this many epochs instead of the shared budget "
                         "(own results folder; said in the report)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: predict and report the finished trainings of --methods x --seeds (the others "
+                        "are skipped and listed)")
     p.add_argument("--no-pseudo-label-quality", action="store_true",
                    help="skip scoring the teacher snapshots on the unlabeled pool cases after training")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples of the intervals")
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     large, small = organ_groups(dataset / "labelsTs", labels, args.small_ml)
     n_test = len(list((dataset / "labelsTs").glob("*.nii.gz")))
 
-    rows, case_rows, costs, pl_quality = [], [], [], {}
+    rows, case_rows, costs, pl_quality, skipped = [], [], [], {}, []
     comparisons = COMPARISONS + [pair for name in externals for pair in ((name, "stock"), ("tak", name))]
     for seed in args.seeds:
         for method in args.methods:
@@ -344,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             fold = 2 * seed + (1 if kind == "reference" else 0)
             tag = f"{method}_seed{seed}"
             output = Path(get_output_folder(DATASET_ID, trainer, "nnUNetPlans", "3d_fullres", fold))
-            if args.reuse and (output / "checkpoint_final.pth").is_file():
+            if args.report_only and not (output / "checkpoint_final.pth").is_file():
+                skipped.append(tag)
+                continue
+            if (args.reuse or args.report_only) and (output / "checkpoint_final.pth").is_file():
                 trained = training_stats(output)["epochs"]
                 if trained != expected_epochs:
                     raise SystemExit(f"{tag}: the finished training in {output} ran {trained} epochs but this run "
@@ -381,11 +395,15 @@ def main(argv: list[str] | None = None) -> int:
                           **training_stats(output)})
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
                   f"{np.nanmean([s['dice'] for s in scores.values()]):.3f}", flush=True)
-            write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
-                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
-                         comparisons=comparisons)
+            if not args.report_only:  # a report after every training, for partial results
+                write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
+                             pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
+                             comparisons=comparisons)
         for name, pattern in externals.items():
             folder = Path(pattern.format(seed=seed))
+            if not folder.is_dir() and args.report_only:
+                skipped.append(f"{name}_seed{seed}")
+                continue
             if not folder.is_dir():
                 raise SystemExit(f"--external {name}: {folder} (seed {seed}) is not a folder; give a pattern with "
                                  "{seed} that names a prediction folder for every --seeds value")
@@ -394,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                      for label, metric in mean_over_cases(per_case, labels).items()]
             case_rows += [{"method": name, "seed": seed, "case": case, "label": label, **metric}
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
-            write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
-                         pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
-                         comparisons=comparisons)
+    write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
+                 pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs, comparisons=comparisons)
+    if skipped:
+        print(f"\nnot in the report (no finished training or predictions): {', '.join(skipped)}")
     print(f"\ntotal wall time {(time.time() - started) / 60:.1f} min; report in {work / 'report'}")
     return 0
 

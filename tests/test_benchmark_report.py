@@ -38,6 +38,8 @@ def test_splits_few_label_and_reference_share_validation(bench, tmp_path):
         assert sorted(reference["train"]) == sorted(few["train"] + few["unlabeled"])
         assert "unlabeled" not in reference
     assert splits[0]["train"] != splits[2]["train"]  # seeds draw different labeled cases
+    bench.write_splits(tmp_path, pool, argparse.Namespace(seeds=[0], labeled=3, val=2))  # a later run, fewer seeds
+    assert json.loads((tmp_path / "splits_final.json").read_text()) == splits  # seed 1's folds are kept
 
 
 def test_organ_groups_by_median_test_volume(bench, tmp_path):
