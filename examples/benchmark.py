@@ -233,7 +233,6 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
         loaded = [dataset.load_case(case)[:2] for case in cases]
         for epoch, path in todo:
             state = torch.load(path, map_location="cpu", weights_only=not final_model)[weights_key]
-            state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
             unwrap_network(predictor.network).load_state_dict(state)  # the predictor may have compiled it
             counts = np.zeros((3, num_classes))
             for data, seg in loaded:
@@ -380,17 +379,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
             case_rows += [{"method": method, "seed": seed, "case": case, "label": label, **metric}
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
-            if method == "stock" and not args.no_pseudo_label_quality:  # the baseline for the teachers
-                pl_quality[(method, seed)] = pseudo_label_quality(
-                    output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
-                    profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json", final_model=True)
-            elif kind == "few" and not args.no_pseudo_label_quality and keeps_snapshots(trainer):
+            final_model = method == "stock"  # no teacher: its final network is the baseline for the teachers
+            if not args.no_pseudo_label_quality and (final_model or (kind == "few" and keeps_snapshots(trainer))):
                 from nnunetv2_tak.benchmark_trainers import teacher_snapshots
 
                 pl_quality[(method, seed)] = pseudo_label_quality(
                     output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
-                    profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json") \
-                    if teacher_snapshots(output) else []  # trained before the benchmark kept snapshots
+                    profile["device"], cache=work / "pseudo_label_quality" / f"{tag}.json", final_model=final_model) \
+                    if final_model or teacher_snapshots(output) else []  # trained before the benchmark kept snapshots
             costs.append({"method": method, "seed": seed, "train_min": train_s / 60, "predict_s": predict_s,
                           **training_stats(output)})
             print(f"{tag}: train {train_s / 60:.1f} min, predict {predict_s:.0f} s, mean Dice "
@@ -635,16 +631,17 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
                     per_seed.append(float(np.nanmean(values)))
         return float(np.mean(per_seed)) if per_seed else float("nan")
 
+    last_epoch = {}  # (method, seed) -> epoch of its last snapshot
+    for r in records:
+        last_epoch[r["method"], r["seed"]] = max(last_epoch.get((r["method"], r["seed"]), r["epoch"]), r["epoch"])
+    at_last = [r for r in records if r["epoch"] == last_epoch[r["method"], r["seed"]]]
+
     def volume_ratio(method: str, label: int) -> float:
         """Predicted / true voxels of a class at each seed's last snapshot, summed over seeds (> 1: the
         teacher over-segments it, < 1: under-segments)."""
-        predicted = true = 0
-        for seed in {r["seed"] for r in records if r["method"] == method}:
-            last = max(r["epoch"] for r in records if r["method"] == method and r["seed"] == seed)
-            for r in records:
-                if (r["method"], r["seed"], r["epoch"], r["label"]) == (method, seed, last, label):
-                    predicted, true = predicted + r["predicted_voxels"], true + r["true_voxels"]
-        return predicted / true if true else float("nan")
+        picked = [r for r in at_last if r["method"] == method and r["label"] == label]
+        true = sum(r["true_voxels"] for r in picked)
+        return sum(r["predicted_voxels"] for r in picked) / true if true else float("nan")
 
     lines += ["Dice of the EMA teacher's argmax (no noise, no confidence filter) against the labels of the "
              "unlabeled cases, which training never reads (for stock, which has no teacher: its final network on "
@@ -667,10 +664,9 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
             f"{volume_ratio(method, k):.2f}" for k in labels) + " |")
         never = []
         for seed in seeds:
-            last = max(r["epoch"] for r in records if r["method"] == method and r["seed"] == seed)
-            missing = [r["organ"] for r in records if r["method"] == method and r["seed"] == seed
-                       and r["epoch"] == last and r["predicted_voxels"] == 0]
-            never.append(f"seed {seed} (epoch {last}): {', '.join(missing) or 'none'}")
+            missing = [r["organ"] for r in at_last if (r["method"], r["seed"]) == (method, seed)
+                       and r["predicted_voxels"] == 0]
+            never.append(f"seed {seed} (epoch {last_epoch[method, seed]}): {', '.join(missing) or 'none'}")
         lines += ["", "Classes the teacher does not predict at all at its last snapshot: " + "; ".join(never) + ".",
                   ""]
         axes[0, 0].plot(epochs, [mean(method, e, list(labels)) for e in epochs], marker="o", label=method)
