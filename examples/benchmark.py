@@ -17,7 +17,7 @@ Protocol (all through the stock nnU-Net commands):
      ``--nsd-mm`` and HD95 in mm;
   6. print and save per-class tables (CSV and Markdown), means over all organs and over the large
      and small organs (by median volume in the test labels), and a bar plot per class and method;
-  7. paired differences between methods (TAK - stock, TAK - each ablation, centred text - TAK) on the
+  7. paired differences between methods (TAK - stock, TAK - each ablation, raw text - stock) on the
      mean, the small-organ mean and each organ, with a bootstrap 95% interval over (seed, test case)
      pairs that both methods have (nnunetv2_tak.evidence), the fraction of the stock-to-reference gap
      closed, and per method and seed the organs stuck at 0 Dice;
@@ -40,8 +40,10 @@ iterations on CUDA (not run by the authors yet). Every method trains with the sc
 ``nnunetv2_tak.benchmark_trainers`` (AdamW 3e-3 with poly decay, intensity augmentation only).
 
 Text: "tak" uses the real CLIP text embeddings of ``--text-embeddings`` (16 AMOS classes, imported
-with ``nnUNetv2_tak_encode_prompts --embeddings``); "tak_randomtext" seeded random text;
-"tak_notext" learned class embeddings. Without the embeddings file "tak" stops with an error.
+with ``nnUNetv2_tak_encode_prompts --embeddings``), centred across classes as the plugin's default;
+"tak_rawtext" the same text uncentred (the reference code's handling); "tak_randomtext" seeded random text;
+"tak_notext" learned class embeddings. Without the embeddings file the methods that read the text stop
+with an error.
 """
 
 from __future__ import annotations
@@ -72,14 +74,15 @@ METHODS = {
     "tak_randomtext": ("nnUNetTrainerTAK_RandomText_Bench", "few"),
     "tak_nocontrastive": ("nnUNetTrainerTAK_NoContrastive_Bench", "few"),
     "tak_nounlabeled": ("nnUNetTrainerTAK_NoUnlabeled_Bench", "few"),
-    "tak_centredtext": ("nnUNetTrainerTAK_CenteredText_Bench", "few"),  # text centred across classes
+    "tak_rawtext": ("nnUNetTrainerTAK_RawText_Bench", "few"),  # the CLIP text uncentred (the reference's)
     "tak_unsup_dicece": ("nnUNetTrainerTAK_ConfidentDiceCE_Bench", "few"),  # pseudo-label loss alternative
 }
 REFERENCE_LONG = "nnUNetTrainer_BenchReference"  # the reference with --reference-epochs
 # paired differences reported (a - b), where both methods have results
-COMPARISONS = [("tak", "stock"), ("tak", "tak_notext"), ("tak", "tak_randomtext"), ("tak", "tak_nounlabeled"),
-               ("tak", "tak_nocontrastive"), ("tak_centredtext", "tak"), ("tak_centredtext", "tak_notext"),
-               ("tak_centredtext", "stock"), ("tak_unsup_dicece", "tak")]
+COMPARISONS = [("tak", "stock"), ("tak", "tak_notext"), ("tak", "tak_randomtext"), ("tak", "tak_rawtext"),
+               ("tak", "tak_nounlabeled"), ("tak", "tak_nocontrastive"), ("tak_rawtext", "stock"),
+               ("tak_unsup_dicece", "tak")]
+TEXT_FREE = ("tak_notext", "tak_randomtext")  # TAK methods that do not read the prompts' text
 STUCK_DICE = 0.01  # an organ whose test mean Dice is below this is "stuck at 0"
 PROFILES = {  # cohort shape/spacing, network width (None: as planned), batch, epochs of 25 iterations, device
     "cpu": {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0), "features": (8, 64), "batch": 2, "epochs": 40,
@@ -117,10 +120,11 @@ def prepare(work: Path, args: argparse.Namespace) -> Path:
         if profile["features"]:
             shrink_plans_file(pre / "nnUNetPlans.json", "3d_fullres", base_features=profile["features"][0],
                               max_features=profile["features"][1], batch_size=profile["batch"])
-    if any(METHODS[m][0].startswith("nnUNetTrainerTAK_Bench") for m in args.methods):
+    reading_text = [m for m in args.methods if m.startswith("tak") and m not in TEXT_FREE]
+    if reading_text:
         if not Path(args.text_embeddings).is_file():
-            raise SystemExit(f"method 'tak' needs real text embeddings; {args.text_embeddings} does not exist "
-                             "(pass --text-embeddings FILE or leave 'tak' out of --methods)")
+            raise SystemExit(f"{', '.join(reading_text)} need(s) real text embeddings; {args.text_embeddings} does "
+                             f"not exist (pass --text-embeddings FILE or leave them out of --methods)")
         run("nnUNetv2_tak_encode_prompts", "-d", str(DATASET_ID), "--embeddings", str(args.text_embeddings),
             "--force", log=work / "logs" / "encode_prompts.txt")
     return dataset

@@ -26,23 +26,23 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_tak.trainers import (
     nnUNetTrainerTAK,
-    nnUNetTrainerTAK_CenteredText,
     nnUNetTrainerTAK_ConfidentDiceCE,
     nnUNetTrainerTAK_NoContrastive,
     nnUNetTrainerTAK_NoText,
     nnUNetTrainerTAK_NoUnlabeled,
     nnUNetTrainerTAK_RandomText,
+    nnUNetTrainerTAK_RawText,
 )
 
 __all__ = [
     "nnUNetTrainerTAK_Bench",
-    "nnUNetTrainerTAK_CenteredText_Bench",
     "nnUNetTrainerTAK_ConfidentDiceCE_Bench",
     "nnUNetTrainerTAK_NoContrastive_Bench",
     "nnUNetTrainerTAK_NoText_Bench",
     "nnUNetTrainerTAK_NoUnlabeled_Bench",
     "nnUNetTrainerTAK_RandomText_Bench",
     "nnUNetTrainerTAK_RandomText_Short",
+    "nnUNetTrainerTAK_RawText_Bench",
     "nnUNetTrainer_Bench",
     "nnUNetTrainer_BenchReference",
     "nnUNetTrainer_Short",
@@ -161,7 +161,7 @@ class nnUNetTrainerTAK_RandomText_Bench(TeacherSnapshots, BenchSchedule, nnUNetT
     pass
 
 
-class nnUNetTrainerTAK_CenteredText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_CenteredText):
+class nnUNetTrainerTAK_RawText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_RawText):
     pass
 
 

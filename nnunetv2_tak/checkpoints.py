@@ -95,3 +95,17 @@ def describe_extension(trainer_name: str, epoch: int, old_epochs: int, new_epoch
         changes.append(f"learning rate {lr_before:.4g} -> {lr_after:.4g}")
     return (f"TAK: extending {trainer_name} from {old_epochs} to {new_epochs} epochs at epoch {epoch} "
             f"(allow_extend_epochs / {EXTEND_ENV}); schedules recomputed for {new_epochs} epochs: {'; '.join(changes)}")
+
+
+def stored_text_centering(plans_file: str | os.PathLike, configuration: str, plans_key: str) -> str:
+    """The text centring a run was trained with, from its results folder's plans.json (``plans_key`` of the
+    configuration, head entry), for checkpoints written before the setting was stored in them. Runs whose
+    plans predate the setting, or have no plans, used the raw text ("none")."""
+    import json
+
+    try:
+        with open(plans_file) as f:
+            stored = json.load(f)["configurations"][configuration].get(plans_key)
+    except (OSError, KeyError, ValueError):
+        return "none"
+    return (stored or {}).get("head", {}).get("text_centering", "none")

@@ -39,6 +39,7 @@ from nnunetv2_tak.checkpoints import (
     how_to_extend,
     poly_lr,
     read_checkpoint,
+    stored_text_centering,
 )
 from nnunetv2_tak.distributed import DistributedTrainerMixin
 from nnunetv2_tak.losses import GADiceLoss, GALoss, text_visual_contrastive_loss
@@ -92,6 +93,7 @@ __all__ = [
     "nnUNetTrainerTAK_Quick",
     "nnUNetTrainerTAK_RandomText",
     "nnUNetTrainerTAK_RandomText_Debug",
+    "nnUNetTrainerTAK_RawText",
     "nnUNetTrainerTAK_TextPriorOnly",
     "nnUNetTrainerTAK_TextPriorOnly_Debug",
 ]
@@ -114,7 +116,10 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
     text_pretrained: ClassVar[str | None] = None  # tag or local checkpoint; None: the cache's, else openai
     random_text_seed: ClassVar[int] = 0
     allow_random_text_encoder: ClassVar[bool] = False  # accept a cache encoded with --pretrained random-init
-    text_prior: ClassVar[TextPriorConfig] = TextPriorConfig()  # head geometry (K and D come from the text)
+    # head geometry (K and D come from the text). The text is centred across classes per prompt kind and
+    # rescaled ("center_scale"): the validation rule of examples/EVIDENCE.md chose it over the reference's
+    # raw CLIP text (nnUNetTrainerTAK_RawText)
+    text_prior: ClassVar[TextPriorConfig] = TextPriorConfig(text_centering="center_scale")
     # --- semi-supervised training (defaults of the paper's reference code; README "Reference vs ours") ---
     use_unlabeled: ClassVar[bool] = True  # False: labeled data only (no teacher, no pseudo-labels)
     unlabeled_batch_size: ClassVar[int | None] = None  # None: the planned batch size
@@ -511,7 +516,9 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
 
     # --- checkpoints ------------------------------------------------------------------------
     def ssl_settings(self) -> dict:
-        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in self.SSL_SETTINGS}
+        settings = {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in self.SSL_SETTINGS}
+        settings["text_centering"] = self.text_prior.text_centering
+        return settings
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus 'tak_ssl': teacher, SSL settings, unlabeled case digest, loss state."""
@@ -563,9 +570,12 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
             raise SSLSettingsError(f"{name} has no TAK semi-supervised state ({CHECKPOINT_KEY!r}); it was written by "
                                    f"{checkpoint.get('trainer_name')}. Resume with that trainer or start a new run.")
         self._check_text(checkpoint, name)
-        differing = {k: (v, ssl["settings"].get(k)) for k, v in self.ssl_settings().items()
-                     if ssl["settings"].get(k) != v}
-        old_epochs = ssl["settings"].get("num_epochs")
+        stored = dict(ssl["settings"])
+        if "text_centering" not in stored:  # written before the setting was checked: the run's plans.json says
+            stored["text_centering"] = stored_text_centering(os.path.join(self.output_folder_base, "plans.json"),
+                                                             self.configuration_name, PLANS_KEY)
+        differing = {k: (v, stored.get(k)) for k, v in self.ssl_settings().items() if stored.get(k) != v}
+        old_epochs = stored.get("num_epochs")
         extending = "num_epochs" in differing and isinstance(old_epochs, int) and self.num_epochs > old_epochs \
             and extension_allowed(self.allow_extend_epochs)
         if extending:
@@ -574,6 +584,11 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differing.items())
             hint = f" {how_to_extend(type(self).__name__, old_epochs, self.num_epochs)}" \
                 if "num_epochs" in differing and isinstance(old_epochs, int) else ""
+            if "text_centering" in differing:
+                hint += (f" The text centring is part of the head: a run started with the raw text "
+                         f"(text_centering 'none', the default up to 0.1) continues as nnUNetTrainerTAK_RawText: "
+                         f"rename its results folder {os.path.basename(self.output_folder_base)} to the "
+                         f"nnUNetTrainerTAK_RawText one and resume with -tr nnUNetTrainerTAK_RawText.")
             raise SSLSettingsError(
                 f"{name} was trained with other semi-supervised settings ({listed}). Resume with the trainer "
                 f"and settings it started with ({checkpoint.get('trainer_name')}) or train into a new output folder; "
@@ -651,15 +666,26 @@ class _Debug:
 
 
 class nnUNetTrainerTAK_RandomText(nnUNetTrainerTAK):
-    """Ablation: seeded random text embeddings instead of prompts (no textual knowledge)."""
+    """Ablation: seeded random text embeddings instead of prompts (no textual knowledge). Not centred:
+    independent Gaussian vectors share no common component to remove (the benchmark measured it so)."""
 
     text_source = "random"
+    text_prior = TextPriorConfig(text_centering="none")
 
 
 class nnUNetTrainerTAK_NoText(nnUNetTrainerTAK):
-    """Ablation: learned class embeddings instead of text (head and contrastive anchors learn them)."""
+    """Ablation: learned class embeddings instead of text (head and contrastive anchors learn them), not
+    centred: nothing fixed to remove (the benchmark measured it so)."""
 
     text_source = "learned"
+    text_prior = TextPriorConfig(text_centering="none")
+
+
+class nnUNetTrainerTAK_RawText(nnUNetTrainerTAK):
+    """The reference code's text handling: the raw CLIP text features into the text MLP, not centred across
+    classes. The ablation behind the default (examples/EVIDENCE.md, "Does the text help")."""
+
+    text_prior = TextPriorConfig(text_centering="none")
 
 
 class nnUNetTrainerTAK_NoUnlabeled(nnUNetTrainerTAK):
@@ -732,8 +758,7 @@ class nnUNetTrainerTAK_ConfidentDiceCE(nnUNetTrainerTAK):
 
 
 class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
-    """Text centred across classes per prompt kind and rescaled to its mean norm before the text MLP
-    (TextPriorConfig.text_centering = "center_scale"): the head sees how organs differ, not the common
-    component CLIP-style embeddings share. Stored in the plans, so the predictor rebuilds it."""
+    """The default since text centring became it (TextPriorConfig.text_centering = "center_scale"): kept so
+    that runs started under this name resume (--c) and keep their name."""
 
     text_prior = TextPriorConfig(text_centering="center_scale")

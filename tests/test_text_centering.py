@@ -1,5 +1,6 @@
 """Text centring before the text MLP (TextPriorConfig.text_centering): geometry, what the head sees,
-state dict and plans round trip, the trainer variant recording it in the plans."""
+state dict and plans round trip, the default trainer recording it in the plans, resuming across a
+change of it."""
 
 from __future__ import annotations
 
@@ -105,17 +106,23 @@ def test_old_plans_load_unknown_keys_are_refused_and_bad_values_are_named():
         TextPriorConfig(text_centering="mean")
 
 
-def test_centered_variant_records_centring_in_the_plans(nnunet_env):
+class CenteredDebug(nnUNetTrainerTAK):
+    """The default trainer (centred text) on a one-iteration schedule; own results folder."""
+
+    text_source = "random"  # the session's dataset has no text cache; centring applies the same way
+    epochs = 1
+    iterations_per_epoch = 1
+    val_iterations_per_epoch = 1
+
+
+def test_default_trainer_centres_the_text_and_records_it_in_the_plans(nnunet_env):
     from test_trainer import new_trainer
 
-    from nnunetv2_tak.trainers import nnUNetTrainerTAK_CenteredText
+    from nnunetv2_tak.trainers import nnUNetTrainerTAK_CenteredText, nnUNetTrainerTAK_RawText
 
-    class CenteredDebug(nnUNetTrainerTAK_CenteredText):
-        text_source = "random"  # the session's dataset has no text cache; centring applies the same way
-        epochs = 1
-        iterations_per_epoch = 1
-        val_iterations_per_epoch = 1
-
+    assert nnUNetTrainerTAK.text_prior.text_centering == "center_scale"  # the default the evidence chose
+    assert nnUNetTrainerTAK_CenteredText.text_prior == nnUNetTrainerTAK.text_prior  # the old name still builds it
+    assert nnUNetTrainerTAK_RawText.text_prior.text_centering == "none"
     trainer = new_trainer(CenteredDebug, nnunet_env)
     trainer.initialize()
     entry = trainer.plans_manager.plans["configurations"]["3d_fullres"][PLANS_KEY]
@@ -124,3 +131,55 @@ def test_centered_variant_records_centring_in_the_plans(nnunet_env):
     assert network.config.text_centering == "center_scale"
     prepared = network.text_prior.prepared_text_embeddings()
     torch.testing.assert_close(prepared.mean(0), torch.zeros_like(prepared[0]), atol=1e-5, rtol=0)
+    assert not torch.allclose(prepared, network.text_prior.text_embeddings)
+
+
+class RawDebug(CenteredDebug):
+    text_prior = TextPriorConfig(text_centering="none")
+
+
+def test_resume_with_other_text_centring_is_refused_with_how_to_continue(nnunet_env, monkeypatch):
+    """A run trained with the raw text (0.1's default) resumed under the centred default: refused before
+    anything loads, with the rename that continues it; a checkpoint from before the setting was stored is
+    judged by its results folder's plans.json."""
+    from test_trainer import new_trainer
+
+    from nnunetv2_tak.trainers import SSLSettingsError
+
+    raw = new_trainer(RawDebug, nnunet_env)
+    raw.initialize()
+    raw.on_train_start()  # writes plans.json (with the head's text_centering) into the results folder
+    raw.on_train_end()  # (removes checkpoint_latest.pth, as nnU-Net does)
+    path = f"{raw.output_folder}/checkpoint_latest.pth"
+    raw.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint["tak_ssl"]["settings"]["text_centering"] == "none"
+    del checkpoint["tak_ssl"]["settings"]["text_centering"]  # as 0.1 wrote them
+    torch.save(checkpoint, path)
+
+    monkeypatch.setattr(RawDebug, "text_prior", CenteredDebug.text_prior)  # the default changed under the run
+    resumed = new_trainer(RawDebug, nnunet_env)
+    with pytest.raises(SSLSettingsError) as info:
+        resumed.load_checkpoint(path)
+    message = str(info.value)
+    assert "text_centering: checkpoint 'none', now 'center_scale'" in message
+    assert "RawDebug__nnUNetPlans__3d_fullres" in message and "-tr nnUNetTrainerTAK_RawText" in message
+    assert resumed.current_epoch == 0 and resumed.teacher.step == 0  # nothing loaded
+
+    monkeypatch.setattr(RawDebug, "text_prior", TextPriorConfig(text_centering="none"))
+    same = new_trainer(RawDebug, nnunet_env)
+    same.load_checkpoint(path)  # the setting it was trained with resumes
+    assert same.current_epoch == checkpoint["current_epoch"]
+
+
+def test_stored_text_centering_reads_the_run_plans(tmp_path):
+    from nnunetv2_tak.checkpoints import stored_text_centering
+
+    plans = tmp_path / "plans.json"
+    assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "none"  # no plans: 0.1 and before
+    head = TextPriorConfig(text_centering="center_scale").to_dict()
+    plans.write_text(json.dumps({"configurations": {"3d_fullres": {PLANS_KEY: {"head": head}}}}))
+    assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "center_scale"
+    del head["text_centering"]
+    plans.write_text(json.dumps({"configurations": {"3d_fullres": {PLANS_KEY: {"head": head}}}}))
+    assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "none"
