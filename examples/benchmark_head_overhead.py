@@ -13,7 +13,8 @@ CUDA max allocated, or on CPU the growth of the process's peak RSS from before t
 Runs alternate between the networks to share machine noise. Time is the median wall time of a step; on CPU
 also the process CPU time (less sensitive to other processes on a shared machine). ``--checkpointed`` adds
 the TAK network with the head's previous eager formulation (activation-checkpointed chunks, what
-torch.compile traces) as a third network, to compare the two. Prints a table of ratios to stock.
+torch.compile traces) as a third network, to compare the two; ``--fused`` the fused Triton head
+(``TAK_FUSED_HEAD=1``, nnunetv2_tak.fused_head; CUDA). Prints a table of ratios to stock.
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def configuration(features: tuple[int, int], patch: list[int], n_stages: int) ->
     }
 
 
-KINDS = ("stock", "tak", "tak_checkpointed")
+KINDS = ("stock", "tak", "tak_checkpointed", "tak_fused")
 
 
 def measure(kind: str, classes: int, mode: str, args: argparse.Namespace) -> dict:
     """Runs in a child process: build one network, time forward+backward (deep supervision on) or the
     prediction forward (no grad, no deep supervision)."""
+    import os
+
+    os.environ["TAK_FUSED_HEAD"] = "1" if kind == "tak_fused" else "0"
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train: forward+backward with deep supervision; predict: no-grad forward, no deep supervision")
     p.add_argument("--checkpointed", action="store_true",
                    help="also measure the TAK network with the head's checkpointed-chunk formulation (before/after)")
+    p.add_argument("--fused", action="store_true",
+                   help="also measure the TAK network with the fused Triton head (TAK_FUSED_HEAD=1; CUDA)")
     p.add_argument("--child", nargs=3, metavar=("KIND", "CLASSES", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(measure(kind, int(classes), mode, args)))
         return 0
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    kinds = ["stock", "tak"] + (["tak_checkpointed"] if args.checkpointed else [])
+    kinds = ["stock", "tak"] + ["tak_checkpointed"] * args.checkpointed + ["tak_fused"] * args.fused
     summary: dict[tuple[str, int], dict[str, dict]] = {}
     for mode in args.modes:
         for classes in args.classes:

@@ -50,6 +50,40 @@ def run(*cmd: str, env: dict[str, str] | None = None, log: Path) -> float:
     return time.perf_counter() - start
 
 
+def check_fused_head(features: list[int], patch: list[int], stages: int, logs: Path, tiny: bool) -> None:
+    """1b. The fused Triton head (TAK_FUSED_HEAD=1) on this GPU: the eager head's logits and gradients at 117
+    classes, then its cost next to stock and the eager head (examples/benchmark_head_overhead.py)."""
+    import torch
+
+    from nnunetv2_tak.fused_head import apply_fused_head
+    from nnunetv2_tak.network import TextPriorConfig, _dynamic_head_flat
+
+    h, classes = 8, 117
+    x = torch.randn(2, h, 64 ** 3 // 8, device="cuda", requires_grad=True)
+    params = (torch.randn(2, classes, TextPriorConfig().num_dynamic_params, device="cuda") * 0.5).requires_grad_()
+    grad = torch.randn(2, classes, x.shape[-1], device="cuda")
+    ref = _dynamic_head_flat(x.double(), params.double(), h)
+    ref_grads = torch.autograd.grad(ref, (x, params), grad.double())
+    fused = apply_fused_head(x, params, h)
+    fused_grads = torch.autograd.grad(fused, (x, params), grad)
+    errors = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+              for a, b in zip((fused, *fused_grads), (ref, *ref_grads), strict=True)]
+    print("fused head vs float64 eager head, 117 classes, max relative error (logits, grad x, grad params): "
+          + ", ".join(f"{e:.1e}" for e in errors))
+    if max(errors) > 1e-3:
+        raise SystemExit("the fused head does not match the eager head on this GPU; do not set TAK_FUSED_HEAD=1")
+    cmd = [sys.executable, str(HERE / "benchmark_head_overhead.py"), "--device", "cuda", "--fused",
+           "--features", str(features[0]), str(max(features)), "--patch", *map(str, patch), "--stages", str(stages),
+           "--classes", "16", "117", "--modes", "train", "predict", "--iters", "3" if tiny else "10", "--rounds", "1"]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (logs / "head_overhead.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"head overhead failed; see {logs / 'head_overhead.txt'}")
+    print(proc.stdout.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", required=True, help="folder for the nnU-Net data, models and logs")
@@ -120,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"iteration cost failed; see {logs / 'iteration_cost.txt'}")
     print(proc.stdout.strip())
+
+    if args.device == "cuda":
+        check_fused_head(features, cfg["patch_size"], len(features), logs, tiny)
 
     # 2. a short TAK training and the stock predictor
     short_env = {"TAK_SHORT_EPOCHS": str(epochs), "TAK_SHORT_ITERATIONS": str(iterations)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -230,6 +231,12 @@ def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channe
     spatial = features.shape[2:]
     x = features.reshape(b, features.shape[1], -1)
     n = x.shape[-1]
+    if fused_head_requested():
+        from nnunetv2_tak.fused_head import apply_fused_head, fused_head_available
+
+        if fused_head_available(x):
+            return apply_fused_head(x, params, head_channels).reshape(b, params.shape[1], *spatial)
+        _warn_fused_unavailable(x)
     checkpointed = torch.compiler.is_compiling() or not EAGER_CHUNKED_FUNCTION
     if chunk_voxels > 0 and checkpointed:
         chunk_voxels = max(chunk_voxels, -(-n // MAX_HEAD_CHUNKS))  # bound the unrolled chunks
@@ -245,6 +252,21 @@ def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channe
     else:
         out = _chunked_forward(x, params, head_channels, chunk_voxels)
     return out.reshape(b, params.shape[1], *spatial)
+
+
+def fused_head_requested() -> bool:
+    """``TAK_FUSED_HEAD=1``: the head runs as fused Triton kernels on CUDA (nnunetv2_tak.fused_head)."""
+    return os.environ.get("TAK_FUSED_HEAD", "0") not in ("", "0")
+
+
+_fused_warned: set[str] = set()
+
+
+def _warn_fused_unavailable(x: torch.Tensor) -> None:
+    if x.device.type not in _fused_warned:
+        _fused_warned.add(x.device.type)
+        logger.warning("TAK_FUSED_HEAD=1 is set, but the fused head kernels need Triton and a CUDA tensor; the head "
+                       "on %s runs the eager kernels (same maths).", x.device)
 
 
 def _dynamic_param_scale(config: TextPriorConfig, bias_scale: float = 0.1) -> torch.Tensor:
