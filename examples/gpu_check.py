@@ -75,13 +75,18 @@ def check_fused_head(features: list[int], patch: list[int], stages: int, logs: P
     cmd = [sys.executable, str(HERE / "benchmark_head_overhead.py"), "--device", "cuda", "--fused",
            "--features", str(features[0]), str(max(features)), "--patch", *map(str, patch), "--stages", str(stages),
            "--classes", "16", "117", "--modes", "train", "predict", "--iters", "3" if tiny else "10", "--rounds", "1"]
+    print(run_script(cmd, logs / "head_overhead.txt"))
+
+
+def run_script(cmd: list[str], log: Path) -> str:
+    """Run a measurement script (``cmd[0]`` is this Python); its output, also written to ``log``."""
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    (logs / "head_overhead.txt").write_text(proc.stdout + proc.stderr)
+    log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"head overhead failed; see {logs / 'head_overhead.txt'}")
-    print(proc.stdout.strip())
+        raise SystemExit(f"{Path(cmd[1]).stem} failed; see {log}")
+    return proc.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cost = [sys.executable, str(HERE / "benchmark_iteration_cost.py"), "--work-dir", str(work), "--device",
             args.device, "--features", str(features[0]), str(max(features)), "--patch", *map(str, cfg["patch_size"]),
             "--batch", str(cfg["batch_size"]), "--iters", str(iters), "--warmup", str(warmup), "--rounds", "1"]
-    print(f"$ {' '.join(cost[1:])}", flush=True)
-    proc = subprocess.run(cost, capture_output=True, text=True)
-    (logs / "iteration_cost.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"iteration cost failed; see {logs / 'iteration_cost.txt'}")
-    print(proc.stdout.strip())
+    print(run_script(cost, logs / "iteration_cost.txt"))
 
     if args.device == "cuda":
         check_fused_head(features, cfg["patch_size"], len(features), logs, tiny)
