@@ -171,6 +171,18 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], toleran
     return cases
 
 
+def confusion_counts(pred_dir: Path, gt_dir: Path, num_labels: int) -> np.ndarray:
+    """[true label, predicted label] voxel counts over the test cases (labels 0..num_labels-1)."""
+    import SimpleITK as sitk
+
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    for gt_file in sorted(gt_dir.glob("*.nii.gz")):
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_file))).astype(np.int64).ravel()
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / gt_file.name))).astype(np.int64).ravel()
+        counts += np.bincount(gt * num_labels + pred, minlength=num_labels ** 2).reshape(num_labels, num_labels)
+    return counts
+
+
 def mean_over_cases(cases: dict[str, dict[int, dict[str, float]]], labels: dict[int, str]
                     ) -> dict[int, dict[str, float]]:
     """Per label, the mean over cases of each metric (NaN where no case has a value)."""
@@ -347,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     large, small = organ_groups(dataset / "labelsTs", labels, args.small_ml)
     n_test = len(list((dataset / "labelsTs").glob("*.nii.gz")))
 
-    rows, case_rows, costs, pl_quality, skipped = [], [], [], {}, []
+    rows, case_rows, costs, pl_quality, skipped, confusions = [], [], [], {}, [], {}
     comparisons = COMPARISONS + [pair for name in externals for pair in ((name, "stock"), ("tak", name))]
     for seed in args.seeds:
         for method in args.methods:
@@ -378,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                             "checkpoint_final.pth", "-device", profile["device"], "--disable_tta", "-npp", "1",
                             "-nps", "1", log=work / "logs" / f"predict_{tag}.txt")
             per_case = evaluate_cases(pred, dataset / "labelsTs", labels, args.nsd_mm)
+            confusions[(method, seed)] = confusion_counts(pred, dataset / "labelsTs", max(labels) + 1)
             scores = mean_over_cases(per_case, labels)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
@@ -398,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:  # a report after every training, for partial results
                 write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
                              pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs,
-                             comparisons=comparisons)
+                             comparisons=comparisons, confusions=confusions)
         for name, pattern in externals.items():
             folder = Path(pattern.format(seed=seed))
             if not folder.is_dir() and args.report_only:
@@ -408,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--external {name}: {folder} (seed {seed}) is not a folder; give a pattern with "
                                  "{seed} that names a prediction folder for every --seeds value")
             per_case = evaluate_cases(folder, dataset / "labelsTs", labels, args.nsd_mm)  # stops on a missing scan
+            confusions[(name, seed)] = confusion_counts(folder, dataset / "labelsTs", max(labels) + 1)
             rows += [{"method": name, "seed": seed, "label": label, "organ": labels[label], **metric}
                      for label, metric in mean_over_cases(per_case, labels).items()]
             case_rows += [{"method": name, "seed": seed, "case": case, "label": label, **metric}
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
     write_report(work, rows, costs, labels, large, small, args, n_test=n_test, case_rows=case_rows,
-                 pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs, comparisons=comparisons)
+                 pl_quality=pl_quality, epochs=epochs, reference_epochs=reference_epochs, comparisons=comparisons,
+                 confusions=confusions)
     if skipped:
         print(f"\nnot in the report (no finished training or predictions): {', '.join(skipped)}")
     print(f"\ntotal wall time {(time.time() - started) / 60:.1f} min; report in {work / 'report'}")
@@ -423,14 +438,22 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[int, str], large: list[int],
                  small: list[int], args: argparse.Namespace, *, n_test: int, case_rows: list[dict] | None = None,
                  pl_quality: dict[tuple[str, int], list[dict]] | None = None, epochs: int | None = None,
-                 reference_epochs: int | None = None,
-                 comparisons: list[tuple[str, str]] | None = None) -> None:
+                 reference_epochs: int | None = None, comparisons: list[tuple[str, str]] | None = None,
+                 confusions: dict[tuple[str, int], np.ndarray] | None = None) -> None:
     """CSV of every (method, seed, organ), of every (method, seed, case, organ) and of the costs; Markdown
     tables of per-organ means (spread over seeds), organs stuck at 0, paired differences with bootstrap
     intervals, fraction of the gap closed, pseudo-label quality and the cost ratios to the stock trainer;
-    plots."""
+    plots. ``confusions`` ((method, seed) -> [true, predicted] test voxel counts) says where the voxels of
+    an organ that got worse went (confusion.csv)."""
     out = work / "report"
     out.mkdir(exist_ok=True)
+    confusions = confusions or {}
+    if confusions:
+        with open(out / "confusion.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["method", "seed", "true_label", "predicted_label", "voxels"])
+            writer.writerows((m, s, t, p, int(n)) for (m, s), c in confusions.items() for (t, p), n in np.ndenumerate(c)
+                             if n)
     for name, table in (("per_class.csv", rows), ("per_case.csv", case_rows or []), ("cost.csv", costs)):
         if table:
             with open(out / name, "w", newline="") as f:
@@ -473,7 +496,8 @@ def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[i
         lines.append("")
     lines += stuck_table(rows, labels)
     if case_rows:
-        lines += evidence_section(case_rows, labels, large, small, args.bootstrap, comparisons or COMPARISONS)
+        lines += evidence_section(case_rows, labels, large, small, args.bootstrap, comparisons or COMPARISONS,
+                                  confusions)
     if pl_quality:
         lines += pseudo_label_section(out, pl_quality, labels, large, small)
     lines += cost_table(costs)
@@ -509,10 +533,30 @@ def _dice_units(case_rows: list[dict], method: str, labels: dict[int, str]) -> d
     return units
 
 
+def confusion_lines(confusions: dict[tuple[str, int], np.ndarray], a: str, b: str, seeds: list[int],
+                    organs: list[int], labels: dict[int, str], top: int = 2) -> list[str]:
+    """Markdown lines: for each organ, the share of its test voxels (summed over ``seeds``) that ``a`` and
+    ``b`` predict as the ``top`` other labels where ``a`` or ``b`` sends most, background included."""
+    if not all((m, s) in confusions for m in (a, b) for s in seeds):
+        return []
+    shares = {m: sum(confusions[m, s] for s in seeds) for m in (a, b)}
+    names = {0: "background", **labels}
+    said = []
+    for k in organs:
+        rows = {m: c[k] / max(c[k].sum(), 1) for m, c in shares.items()}
+        others = [j for j in range(len(rows[a])) if j != k]
+        chosen = sorted(others, key=lambda j: -max(rows[a][j], rows[b][j]))[:top]
+        said.append(f"{labels[k]}: " + ", ".join(f"{names.get(j, j)} {rows[a][j]:.0%} / {rows[b][j]:.0%}"
+                                                  for j in chosen))
+    return [f"  - where those organs' test voxels went ({a} / {b}, seeds {seeds}): " + "; ".join(said)]
+
+
 def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[int], small: list[int],
-                     resamples: int, comparisons: list[tuple[str, str]] = COMPARISONS) -> list[str]:
+                     resamples: int, comparisons: list[tuple[str, str]] = COMPARISONS,
+                     confusions: dict[tuple[str, int], np.ndarray] | None = None) -> list[str]:
     """Markdown lines: paired differences of ``comparisons`` (a - b) with bootstrap 95% intervals over (seed, case)
-    pairs (and with seeds resampled as clusters), in words and per organ; fraction of the gap closed."""
+    pairs (and with seeds resampled as clusters), in words and per organ, with where the voxels of an organ
+    that got worse went (from ``confusions``); fraction of the gap closed."""
     from nnunetv2_tak.evidence import gap_fraction, paired_difference
 
     present = list(dict.fromkeys(r["method"] for r in case_rows))
@@ -558,15 +602,17 @@ def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[
             lines.append(f"  - {name} on {gname}: {flat.describe()}, {verdict}; seeds resampled as clusters "
                          f"[{clustered.low:.3f}, {clustered.high:.3f}], "
                          f"{'resolved' if clustered.resolved else 'not resolved'}")
-        worse = []
+        worse, worse_labels = [], []
         table[name] = {}
         for k, i in index.items():
             organ = paired_difference(sa, sb, [i], resamples=resamples, seed=0)
             table[name][k] = (f"**{organ.describe(2)}**" if organ.resolved else organ.describe(2))
             if organ.resolved and organ.estimate < 0:
                 worse.append(f"{labels[k]} {organ.describe(2)}")
+                worse_labels.append(k)
         if worse:
             lines.append(f"  - organs worse with {a} than with {b} beyond the interval: {', '.join(worse)}")
+            lines += confusion_lines(confusions or {}, a, b, seeds, worse_labels, labels)
     if not_run:
         lines.append(f"- Not compared (one side has no results): {', '.join(not_run)}.")
     if table:

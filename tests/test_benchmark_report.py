@@ -71,6 +71,22 @@ def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
     assert np.isnan(scores[2]["dice"])  # absent from both: not counted
 
 
+def test_confusion_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    gt = np.zeros((2, 4, 4), np.uint8)
+    gt[0, :2] = 1  # 8 voxels of label 1
+    pred = gt.copy()
+    pred[0, 0, :3] = 2  # 3 of them predicted as label 2
+    pred[1, 3, 3] = 1  # one background voxel predicted as 1
+    for folder, data in ((gt_dir, gt), (pred_dir, pred)):
+        _write_labels(folder / "a.nii.gz", data, (1.0, 1.0, 1.0))
+        _write_labels(folder / "b.nii.gz", gt, (1.0, 1.0, 1.0))  # a second, perfect case
+    counts = bench.confusion_counts(pred_dir, gt_dir, 3)
+    assert counts.tolist() == [[2 * 24 - 1, 1, 0], [0, 5 + 8, 3], [0, 0, 0]]
+
+
 def test_which_trainers_keep_teacher_snapshots(bench):
     assert bench.keeps_snapshots("nnUNetTrainerTAK_Bench")
     assert bench.keeps_snapshots("nnUNetTrainerTAK_RawText_Bench")
@@ -151,8 +167,11 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     pl = {("tak", 0): [{"epoch": 5, "counts": counts[0]}, {"epoch": 10, "counts": counts[1]}],
           ("tak_notext", 0): pl_epoch5_only, ("tak", 1): []}
     args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=300)
+    confusion = {m: np.array([[90, 5, 5], [10, 80, 10], [0, 2, 8]]) for m in ("reference", "stock", "tak_notext")}
+    confusion["tak"] = np.array([[90, 5, 5], [10, 60, 30], [0, 2, 8]])  # a third of the liver called adrenal
+    confusions = {(m, s): c for m, c in confusion.items() for s in (0, 1)}
     bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3, case_rows=case_rows,
-                       pl_quality=pl, epochs=40, reference_epochs=120)
+                       pl_quality=pl, epochs=40, reference_epochs=120, confusions=confusions)
     report = (tmp_path / "report" / "results.md").read_text()
 
     assert "except the fully supervised reference: 120 epochs" in report
@@ -170,6 +189,10 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     assert ("- Not compared (one side has no results): tak - tak_randomtext, tak - tak_rawtext, "
             "tak - tak_nounlabeled, tak - tak_nocontrastive, tak_rawtext - stock, tak_unsup_dicece - tak.") in lines
     assert "  - organs worse with tak than with tak_notext beyond the interval: liver -0.05 [-0.05, -0.05]" in lines
+    assert ("  - where those organs' test voxels went (tak / tak_notext, seeds [0]): liver: adrenal 30% / 10%, "
+            "background 10% / 10%") in lines
+    csv_rows = (tmp_path / "report" / "confusion.csv").read_text().splitlines()
+    assert csv_rows[0] == "method,seed,true_label,predicted_label,voxels" and "tak,1,1,2,30" in csv_rows
     assert "| adrenal | **+0.10 [0.10, 0.10]** |" in report  # per-organ table, first column tak - stock
     # adrenal: the reference is 0.4 above stock in seed 0 and 0.7/0.6/0.5 in seed 1 (stock 0): 0.1 / 0.5
     gap = next(line for line in lines if line.startswith("- tak (seeds"))
