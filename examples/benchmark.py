@@ -149,10 +149,11 @@ def write_splits(pre: Path, pool: list[str], args: argparse.Namespace) -> None:
     atomic_write_text(path, json.dumps(splits, indent=1))  # trainings may be reading it
 
 
-def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float
-                   ) -> dict[str, dict[int, dict[str, float]]]:
+def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: float,
+                   confusion: np.ndarray | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """Per test case (file name without .nii.gz) and label: Dice / NSD / HD95 (NaN where a class is
-    absent from both)."""
+    absent from both). ``confusion`` ([L, L], labels 0..L-1), if given, accumulates the [true label,
+    predicted label] voxel counts of the same files."""
     import SimpleITK as sitk
 
     from nnunetv2_tak.metrics import case_metrics
@@ -165,22 +166,14 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], toleran
             raise SystemExit(f"no prediction {pred_file} for the test label {gt_file}; re-run the prediction")
         spacing = tuple(reversed(gt_img.GetSpacing()))
         gt, pred = sitk.GetArrayFromImage(gt_img), sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))
+        if confusion is not None:
+            n = confusion.shape[0]
+            pairs = gt.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel()
+            confusion += np.bincount(pairs, minlength=n * n).reshape(n, n)
         cases[gt_file.name[:-len(".nii.gz")]] = {
             label: {"dice": m.dice, "nsd": m.nsd, "hd95": m.hd95}
             for label, m in case_metrics(pred, gt, spacing, list(labels), tolerance).items()}
     return cases
-
-
-def confusion_counts(pred_dir: Path, gt_dir: Path, num_labels: int) -> np.ndarray:
-    """[true label, predicted label] voxel counts over the test cases (labels 0..num_labels-1)."""
-    import SimpleITK as sitk
-
-    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
-    for gt_file in sorted(gt_dir.glob("*.nii.gz")):
-        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_file))).astype(np.int64).ravel()
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / gt_file.name))).astype(np.int64).ravel()
-        counts += np.bincount(gt * num_labels + pred, minlength=num_labels ** 2).reshape(num_labels, num_labels)
-    return counts
 
 
 def mean_over_cases(cases: dict[str, dict[int, dict[str, float]]], labels: dict[int, str]
@@ -389,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                             str(DATASET_ID), "-c", "3d_fullres", "-f", str(fold), "-tr", trainer, "-chk",
                             "checkpoint_final.pth", "-device", profile["device"], "--disable_tta", "-npp", "1",
                             "-nps", "1", log=work / "logs" / f"predict_{tag}.txt")
-            per_case = evaluate_cases(pred, dataset / "labelsTs", labels, args.nsd_mm)
-            confusions[(method, seed)] = confusion_counts(pred, dataset / "labelsTs", max(labels) + 1)
+            confusions[(method, seed)] = np.zeros((max(labels) + 1,) * 2, dtype=np.int64)
+            per_case = evaluate_cases(pred, dataset / "labelsTs", labels, args.nsd_mm, confusions[(method, seed)])
             scores = mean_over_cases(per_case, labels)
             for label, metric in scores.items():
                 rows.append({"method": method, "seed": seed, "label": label, "organ": labels[label], **metric})
@@ -420,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             if not folder.is_dir():
                 raise SystemExit(f"--external {name}: {folder} (seed {seed}) is not a folder; give a pattern with "
                                  "{seed} that names a prediction folder for every --seeds value")
-            per_case = evaluate_cases(folder, dataset / "labelsTs", labels, args.nsd_mm)  # stops on a missing scan
-            confusions[(name, seed)] = confusion_counts(folder, dataset / "labelsTs", max(labels) + 1)
+            confusions[(name, seed)] = np.zeros((max(labels) + 1,) * 2, dtype=np.int64)
+            per_case = evaluate_cases(folder, dataset / "labelsTs", labels, args.nsd_mm,  # stops on a missing scan
+                                      confusions[(name, seed)])
             rows += [{"method": name, "seed": seed, "label": label, "organ": labels[label], **metric}
                      for label, metric in mean_over_cases(per_case, labels).items()]
             case_rows += [{"method": name, "seed": seed, "case": case, "label": label, **metric}

@@ -3,6 +3,7 @@ finished run continue for more epochs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -101,8 +102,6 @@ def stored_text_centering(plans_file: str | os.PathLike, configuration: str, pla
     """The text centring a run was trained with, from its results folder's plans.json (``plans_key`` of the
     configuration, head entry), for checkpoints written before the setting was stored in them. Runs whose
     plans predate the setting, or have no plans, used the raw text ("none")."""
-    import json
-
     try:
         with open(plans_file) as f:
             stored = json.load(f)["configurations"][configuration].get(plans_key)

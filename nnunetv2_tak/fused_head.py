@@ -19,7 +19,8 @@ import os
 
 import torch
 
-FUSED_ENV = "TAK_FUSED_HEAD"  # "1": CUDA tensors go through the fused kernels
+from nnunetv2_tak.network import FUSED_HEAD_ENV as FUSED_ENV
+
 BLOCK_VOXELS = 128  # voxels per program (a power of two)
 PARAM_CHUNKS = 64  # voxel chunks per (sample, class) in the parameter-gradient kernel
 

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_CHUNKS = 32  # at most this many voxel chunks per output under torch.compile: bounded graph size
 HEAD_CHUNK_ELEMENTS = 2**22  # at most this many hidden values per sample in one head chunk (see head_chunk_voxels)
 MIN_CHUNK_VOXELS = 512  # floor of the class-adapted chunk (per-chunk overhead)
+FUSED_HEAD_ENV = "TAK_FUSED_HEAD"  # "1": CUDA tensors go through nnunetv2_tak.fused_head (Triton)
 EAGER_CHUNKED_FUNCTION = True  # False: eager mode also runs the checkpointed chunks (benchmark baseline)
 TEXT_CENTERING = ("none", "center", "center_scale")
 
@@ -256,7 +257,7 @@ def apply_dynamic_head(features: torch.Tensor, params: torch.Tensor, head_channe
 
 def fused_head_requested() -> bool:
     """``TAK_FUSED_HEAD=1``: the head runs as fused Triton kernels on CUDA (nnunetv2_tak.fused_head)."""
-    return os.environ.get("TAK_FUSED_HEAD", "0") not in ("", "0")
+    return os.environ.get(FUSED_HEAD_ENV, "0") not in ("", "0")
 
 
 _fused_warned: set[str] = set()
@@ -265,8 +266,8 @@ _fused_warned: set[str] = set()
 def _warn_fused_unavailable(x: torch.Tensor) -> None:
     if x.device.type not in _fused_warned:
         _fused_warned.add(x.device.type)
-        logger.warning("TAK_FUSED_HEAD=1 is set, but the fused head kernels need Triton and a CUDA tensor; the head "
-                       "on %s runs the eager kernels (same maths).", x.device)
+        logger.warning("%s=1 is set, but the fused head kernels need Triton and a CUDA tensor; the head on %s "
+                       "runs the eager kernels (same maths).", FUSED_HEAD_ENV, x.device)
 
 
 def _dynamic_param_scale(config: TextPriorConfig, bias_scale: float = 0.1) -> torch.Tensor:

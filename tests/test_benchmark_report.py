@@ -71,7 +71,7 @@ def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
     assert np.isnan(scores[2]["dice"])  # absent from both: not counted
 
 
-def test_confusion_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
+def test_evaluation_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir()
     pred_dir.mkdir()
@@ -83,7 +83,8 @@ def test_confusion_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
     for folder, data in ((gt_dir, gt), (pred_dir, pred)):
         _write_labels(folder / "a.nii.gz", data, (1.0, 1.0, 1.0))
         _write_labels(folder / "b.nii.gz", gt, (1.0, 1.0, 1.0))  # a second, perfect case
-    counts = bench.confusion_counts(pred_dir, gt_dir, 3)
+    counts = np.zeros((3, 3), dtype=np.int64)
+    bench.evaluate_cases(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0, confusion=counts)
     assert counts.tolist() == [[2 * 24 - 1, 1, 0], [0, 5 + 8, 3], [0, 0, 0]]
 
 
