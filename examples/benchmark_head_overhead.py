@@ -14,7 +14,7 @@ Runs alternate between the networks to share machine noise. Time is the median w
 also the process CPU time (less sensitive to other processes on a shared machine). ``--checkpointed`` adds
 the TAK network with the head's previous eager formulation (activation-checkpointed chunks, what
 torch.compile traces) as a third network, to compare the two; ``--fused`` the fused Triton head
-(``TAK_FUSED_HEAD=1``, nnunetv2_tak.fused_head; CUDA). Prints a table of ratios to stock.
+(``TAK_FUSED_HEAD=1``, nnunetv2_tak.model.fused_head; CUDA). Prints a table of ratios to stock.
 """
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ def measure(kind: str, classes: int, mode: str, args: argparse.Namespace) -> dic
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-    import nnunetv2_tak.network
+    import nnunetv2_tak.model.network
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    nnunetv2_tak.network.EAGER_CHUNKED_FUNCTION = kind != "tak_checkpointed"
+    nnunetv2_tak.model.network.EAGER_CHUNKED_FUNCTION = kind != "tak_checkpointed"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cm = ConfigurationManager(configuration(tuple(args.features), args.patch, args.stages))
     trainer = nnUNetTrainer if kind == "stock" else nnUNetTrainerTAK

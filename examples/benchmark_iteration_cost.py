@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunetv2_tak.workspace import use_workspace
+from workspace import use_workspace
 
 DATASET_ID = 503
 PLANS = "nnUNetPlansBench"

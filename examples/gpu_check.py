@@ -55,8 +55,8 @@ def check_fused_head(features: list[int], patch: list[int], stages: int, logs: P
     classes, then its cost next to stock and the eager head (examples/benchmark_head_overhead.py)."""
     import torch
 
-    from nnunetv2_tak.fused_head import apply_fused_head
-    from nnunetv2_tak.network import TextPriorConfig, _dynamic_head_flat
+    from nnunetv2_tak.model.fused_head import apply_fused_head
+    from nnunetv2_tak.model.network import TextPriorConfig, _dynamic_head_flat
 
     h, classes = 8, 117
     x = torch.randn(2, h, 64 ** 3 // 8, device="cuda", requires_grad=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("nnUNet_n_proc_DA", str(min(12, os.cpu_count() or 2)))
         os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 2)))
 
-    from nnunetv2_tak.workspace import use_workspace
+    from workspace import use_workspace
 
     work = use_workspace(args.work_dir)
     logs = work / "logs"

@@ -31,8 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from nnunetv2_tak.workspace import use_workspace
+from workspace import use_workspace
 
 DATASET_ID = 502
 DATASET_NAME = "TAKQuickstart"

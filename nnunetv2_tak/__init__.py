@@ -15,18 +15,18 @@ import importlib
 __version__ = "0.2.0"
 
 _API = {
-    "TextPriorConfig": "nnunetv2_tak.network",
-    "TextPriorUNet": "nnunetv2_tak.network",
-    "apply_dynamic_head": "nnunetv2_tak.network",
-    "PromptError": "nnunetv2_tak.prompts",
-    "load_prompt_library": "nnunetv2_tak.prompts",
-    "resolve_prompts": "nnunetv2_tak.prompts",
-    "dataset_class_names": "nnunetv2_tak.prompts",
-    "TextEmbeddings": "nnunetv2_tak.text",
-    "TextEmbeddingError": "nnunetv2_tak.text",
-    "encode_prompts": "nnunetv2_tak.text",
-    "load_embedding_file": "nnunetv2_tak.text",
-    "dataset_text_embeddings": "nnunetv2_tak.text_source",
+    "TextPriorConfig": "nnunetv2_tak.model.network",
+    "TextPriorUNet": "nnunetv2_tak.model.network",
+    "apply_dynamic_head": "nnunetv2_tak.model.network",
+    "PromptError": "nnunetv2_tak.text.prompts",
+    "load_prompt_library": "nnunetv2_tak.text.prompts",
+    "resolve_prompts": "nnunetv2_tak.text.prompts",
+    "dataset_class_names": "nnunetv2_tak.text.prompts",
+    "TextEmbeddings": "nnunetv2_tak.text.embeddings",
+    "TextEmbeddingError": "nnunetv2_tak.text.embeddings",
+    "encode_prompts": "nnunetv2_tak.text.embeddings",
+    "load_embedding_file": "nnunetv2_tak.text.embeddings",
+    "dataset_text_embeddings": "nnunetv2_tak.text.source",
     "nnUNetTrainerTAK": "nnunetv2_tak.trainers",
 }
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path[:0] = [str(EXAMPLES), str(EXAMPLES / "benchmark")]  # the examples' modules (quickstart, benchmark)
 DATASET_ID = 501
 TINY_SPEC = {"shape": (24, 48, 48), "spacing": (10.0, 6.0, 6.0)}  # whole abdomen at 1/4 resolution
 

@@ -15,7 +15,7 @@ from conftest import load_example
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_example("benchmark.py", "tak_benchmark_example")
+    return load_example("benchmark/benchmark.py", "tak_benchmark_example")
 
 
 def _write_labels(path: Path, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> None:

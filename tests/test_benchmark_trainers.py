@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer import new_trainer
-
-from nnunetv2_tak.benchmark_trainers import (
+from bench_trainers import (
     nnUNetTrainer_BenchReference,
     nnUNetTrainerTAK_RandomText_Bench,
     teacher_snapshots,
 )
-from nnunetv2_tak.network import unwrap_network
+from test_trainer import new_trainer
+
+from nnunetv2_tak.model.network import unwrap_network
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -54,7 +54,7 @@ def test_teacher_snapshots_are_small_and_hold_the_teacher_then_evaluate(nnunet_e
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     checkpoint["trainer_name"] = nnUNetTrainerTAK_RandomText_Bench.__name__
     torch.save(checkpoint, folder / "checkpoint_final.pth")
-    spec = importlib.util.spec_from_file_location("tak_benchmark_example", EXAMPLES / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("tak_benchmark_example", EXAMPLES / "benchmark" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     plans = json.loads((nnunet_env.preprocessed / "nnUNetPlans.json").read_text())

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _nets import configuration_manager
 
-from nnunetv2_tak.losses import text_visual_contrastive_loss
-from nnunetv2_tak.teacher import EMATeacher, clipped_noise, pseudo_labels
+from nnunetv2_tak.semisupervised.losses import text_visual_contrastive_loss
+from nnunetv2_tak.semisupervised.teacher import EMATeacher, clipped_noise, pseudo_labels
 from nnunetv2_tak.trainers import nnUNetTrainerTAK
 from nnunetv2_tak.unlabeled import shard_for_rank
 

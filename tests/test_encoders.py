@@ -15,7 +15,7 @@ import torch
 from conftest import make_text_dataset
 
 from nnunetv2_tak.cli.encode_prompts import main as encode_main
-from nnunetv2_tak.text import (
+from nnunetv2_tak.text.embeddings import (
     DEFAULT_PRETRAINED,
     RANDOM_WEIGHTS,
     TextEmbeddingError,
@@ -24,7 +24,7 @@ from nnunetv2_tak.text import (
     model_schema,
     normalize_model_name,
 )
-from nnunetv2_tak.text_source import dataset_prompts
+from nnunetv2_tak.text.source import dataset_prompts
 
 LABELS = {"background": 0, "liver": 1, "Kidney (R)": 2, "arota": 3}
 DATASET = "Dataset778_EncoderTest"

@@ -1,4 +1,4 @@
-"""The benchmark's statistics (nnunetv2_tak.evidence): paired bootstrap, gap fraction, stuck organs,
+"""The benchmark's statistics (evidence): paired bootstrap, gap fraction, stuck organs,
 pseudo-label overlap counts. Pure numpy, exact expectations."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import math
 
 import numpy as np
 import pytest
-
-from nnunetv2_tak.evidence import (
+from evidence import (
     Interval,
     bootstrap_indices,
     dice_from_counts,

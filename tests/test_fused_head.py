@@ -14,8 +14,9 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent("""
     import torch
-    from nnunetv2_tak import fused_head
-    from nnunetv2_tak.network import TextPriorConfig, _dynamic_head_flat, apply_dynamic_head
+    from nnunetv2_tak.model import fused_head
+    from nnunetv2_tak.model.dynamic_head import _dynamic_head_flat, apply_dynamic_head
+    from nnunetv2_tak.model.network import TextPriorConfig
 
     calls = []  # the fused kernels, not the eager head, must have run
     launch = fused_head._FusedDynamicHead.apply
@@ -60,14 +61,16 @@ def test_fused_head_matches_the_eager_head_in_triton_interpreter():
 def test_fused_head_request_on_cpu_warns_and_keeps_the_eager_maths(monkeypatch, caplog):
     import torch
 
-    from nnunetv2_tak import network
+    from nnunetv2_tak.model import dynamic_head
+    from nnunetv2_tak.model.network import TextPriorConfig
 
     monkeypatch.setenv("TAK_FUSED_HEAD", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(network, "_fused_warned", set())
+    monkeypatch.setattr(dynamic_head, "_fused_warned", set())
     x = torch.randn(1, 8, 2, 3, 4)
-    params = torch.randn(1, 3, network.TextPriorConfig().num_dynamic_params)
-    with caplog.at_level("WARNING", logger="nnunetv2_tak.network"):
-        out = network.apply_dynamic_head(x, params, 8)
+    params = torch.randn(1, 3, TextPriorConfig().num_dynamic_params)
+    with caplog.at_level("WARNING", logger="nnunetv2_tak.model.dynamic_head"):
+        out = dynamic_head.apply_dynamic_head(x, params, 8)
     assert "TAK_FUSED_HEAD=1 is set" in caplog.text and "eager kernels" in caplog.text
-    torch.testing.assert_close(out, network._dynamic_head_flat(x.reshape(1, 8, -1), params, 8).reshape(1, 3, 2, 3, 4))
+    eager = dynamic_head._dynamic_head_flat(x.reshape(1, 8, -1), params, 8)
+    torch.testing.assert_close(out, eager.reshape(1, 3, 2, 3, 4))

@@ -11,14 +11,9 @@ from _nets import configuration_manager
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import nnunetv2_tak.network as network
-from nnunetv2_tak.network import (
-    HEAD_CHUNK_ELEMENTS,
-    MIN_CHUNK_VOXELS,
-    TextPriorConfig,
-    apply_dynamic_head,
-    head_chunk_voxels,
-)
+import nnunetv2_tak.model.dynamic_head as dynamic_head
+from nnunetv2_tak.model.dynamic_head import HEAD_CHUNK_ELEMENTS, MIN_CHUNK_VOXELS, apply_dynamic_head, head_chunk_voxels
+from nnunetv2_tak.model.network import TextPriorConfig
 from nnunetv2_tak.trainers import PLANS_KEY, nnUNetTrainerTAK
 
 CLASSES = 117
@@ -63,7 +58,7 @@ def test_chunked_function_equals_plain_graph_and_checkpointed_chunks(chunk, monk
     features, params, weights = head_inputs((6, 7, 8))  # 336 voxels
     plain = values_and_grads(features, params, weights, chunk=0)
     fused = values_and_grads(features, params, weights, chunk=chunk)
-    monkeypatch.setattr(network, "EAGER_CHUNKED_FUNCTION", False)  # the formulation torch.compile traces
+    monkeypatch.setattr(dynamic_head, "EAGER_CHUNKED_FUNCTION", False)  # the formulation torch.compile traces
     checkpointed = values_and_grads(features, params, weights, chunk=chunk)
     for name, p, f, c in zip(("logits", "d features", "d params"), plain, fused, checkpointed, strict=True):
         # the same maths to float64 rounding (gradients summed over chunks in another order)
@@ -92,7 +87,7 @@ def test_chunked_function_under_autocast_matches_checkpointed_chunks(monkeypatch
     features, params, weights = head_inputs((6, 7, 8), dtype=torch.float32)
     results = []
     for function in (True, False):
-        monkeypatch.setattr(network, "EAGER_CHUNKED_FUNCTION", function)
+        monkeypatch.setattr(dynamic_head, "EAGER_CHUNKED_FUNCTION", function)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(values_and_grads(features, params, weights, chunk=100))
     (out, gf, gp), (out_ref, gf_ref, gp_ref) = results
@@ -139,7 +134,7 @@ def test_checkpointed_formulation_grows_with_the_volume_where_the_function_does_
     chunk = 384
     grown = []
     for function in (True, False):
-        monkeypatch.setattr(network, "EAGER_CHUNKED_FUNCTION", function)
+        monkeypatch.setattr(dynamic_head, "EAGER_CHUNKED_FUNCTION", function)
         sizes, logits, inputs = head_allocations((32, 32, 32), chunk)
         grown.append(max(s for s in sizes if s not in (logits, inputs)))
     assert grown[0] == 2 * CLASSES * H * chunk * 4

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from nnunetv2_tak.metrics import case_metrics, class_metrics
+from metrics import case_metrics, class_metrics
 
 
 def _cube(shape, start, size):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from _nets import configuration_manager
 
-from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, apply_dynamic_head, split_dynamic_params
+from nnunetv2_tak.model.dynamic_head import apply_dynamic_head, split_dynamic_params
+from nnunetv2_tak.model.network import TextPriorConfig, TextPriorUNet
 from nnunetv2_tak.trainers import PLANS_KEY, nnUNetTrainerTAK
 
 NUM_CLASSES = 5

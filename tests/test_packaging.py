@@ -66,7 +66,7 @@ def test_installed_wheel_registers_trainers_and_ships_prompts(wheel, tmp_path):
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
         cls = recursive_find_trainer_class_by_name("nnUNetTrainerTAK")
         import nnunetv2_tak
-        from nnunetv2_tak.prompts import shipped_prompts_dir
+        from nnunetv2_tak.text.prompts import shipped_prompts_dir
         print("FILE=" + nnunetv2_tak.__file__)
         print("PROMPTS=" + str(shipped_prompts_dir()))
         print("EXT=" + os.environ["nnUNet_extTrainer"])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nnunetv2_tak.prompts import (
+from nnunetv2_tak.text.prompts import (
     PromptError,
     dataset_class_names,
     libraries_for_dataset,
@@ -82,7 +82,7 @@ def test_label_without_prompt_is_an_error_naming_it(shipped):
 
 
 def _write_library(path, classes, kinds=("shape", "location")):
-    path.write_text(json.dumps({"format": "nnunetv2_tak.prompts/1", "kinds": list(kinds), "classes": classes}))
+    path.write_text(json.dumps({"format": "nnunetv2_tak.text.prompts/1", "kinds": list(kinds), "classes": classes}))
     return path
 
 

@@ -82,11 +82,11 @@ def test_overlay_png_has_both_views_and_a_coloured_legend(quickstart, tmp_path):
 
 
 def test_cpu_demo_trainer_is_found_by_nnunet_with_its_own_fixed_schedule(nnunet_env, monkeypatch):
+    from bench_trainers import BenchSchedule
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunetv2_tak.benchmark_trainers import BenchSchedule
-    from nnunetv2_tak.demo_trainers import nnUNetTrainerTAK_CPUDemo
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
+    from nnunetv2_tak.trainers.demo import nnUNetTrainerTAK_CPUDemo
 
     found = recursive_find_trainer_class_by_name("nnUNetTrainerTAK_CPUDemo")
     assert found is nnUNetTrainerTAK_CPUDemo and issubclass(found, (BenchSchedule, nnUNetTrainerTAK))

@@ -10,9 +10,9 @@ import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 from test_trainer import new_trainer
 
-from nnunetv2_tak.checkpoints import EXTEND_ENV, CheckpointError
-from nnunetv2_tak.teacher import sigmoid_rampup
+from nnunetv2_tak.semisupervised.teacher import sigmoid_rampup
 from nnunetv2_tak.trainers import SSLSettingsError, nnUNetTrainerTAK_RandomText_Debug
+from nnunetv2_tak.trainers.resume import EXTEND_ENV, CheckpointError
 
 
 class CutCheckpointTrainer(nnUNetTrainerTAK_RandomText_Debug):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_tak.losses import (
+from nnunetv2_tak.semisupervised.losses import (
     GALoss,
     anchor_contrastive_loss,
     ga_cross_entropy,
@@ -19,8 +19,7 @@ from nnunetv2_tak.losses import (
     sample_class_balanced_anchors,
     text_visual_contrastive_loss,
 )
-from nnunetv2_tak.splits import SplitError, few_label_split
-from nnunetv2_tak.teacher import (
+from nnunetv2_tak.semisupervised.teacher import (
     EMATeacher,
     clipped_noise,
     ema_decay,
@@ -30,6 +29,7 @@ from nnunetv2_tak.teacher import (
     sigmoid_rampup,
 )
 from nnunetv2_tak.unlabeled import UnlabeledDataError, shard_for_rank, split_unlabeled_cases
+from nnunetv2_tak.unlabeled.splits import SplitError, few_label_split
 
 
 # --- EMA ----------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_contrastive_loss_is_float32_under_half_inputs_and_stable_at_temperature
 
 
 def _conv_heads(channels: list[int], embed_dim: int) -> tuple[nn.ModuleList, nn.ModuleList]:
-    from nnunetv2_tak.network import ContrastiveHeads
+    from nnunetv2_tak.model.network import ContrastiveHeads
 
     heads = ContrastiveHeads(nn.Conv3d, channels, embed_dim)
     return heads.voxel, heads.text

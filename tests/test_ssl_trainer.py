@@ -15,8 +15,8 @@ from conftest import DATASET_ID, nnunet_cli
 from test_trainer import new_trainer
 
 from nnunetv2_tak.cli.make_splits import main as make_splits_main
-from nnunetv2_tak.losses import GADiceLoss, GALoss
-from nnunetv2_tak.network import unwrap_network
+from nnunetv2_tak.model.network import unwrap_network
+from nnunetv2_tak.semisupervised.losses import GADiceLoss, GALoss
 from nnunetv2_tak.trainers import (
     PLANS_KEY,
     SSLSettingsError,
@@ -181,7 +181,7 @@ def test_ramps_follow_the_reference_schedule():
     import math
     from types import SimpleNamespace
 
-    from nnunetv2_tak.teacher import sigmoid_rampup
+    from nnunetv2_tak.semisupervised.teacher import sigmoid_rampup
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
 
     knobs = {k: getattr(nnUNetTrainerTAK, k) for k in (

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from _nets import configuration_manager
 
-from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, unwrap_network
+from nnunetv2_tak.model.network import TextPriorConfig, TextPriorUNet, unwrap_network
 from nnunetv2_tak.trainers import PLANS_KEY, nnUNetTrainerTAK
 
 C, K, D = 6, 2, 32
@@ -173,7 +173,7 @@ def test_resume_with_other_text_centring_is_refused_with_how_to_continue(nnunet_
 
 
 def test_stored_text_centering_reads_the_run_plans(tmp_path):
-    from nnunetv2_tak.checkpoints import stored_text_centering
+    from nnunetv2_tak.trainers.resume import stored_text_centering
 
     plans = tmp_path / "plans.json"
     assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "none"  # no plans: 0.1 and before

@@ -10,14 +10,14 @@ import torch
 from conftest import make_text_dataset
 
 from nnunetv2_tak.cli.encode_prompts import main as encode_main
-from nnunetv2_tak.text import (
+from nnunetv2_tak.text.embeddings import (
     CACHE_FILENAME,
     RANDOM_WEIGHTS,
     TextEmbeddingError,
     load_cache,
     load_embedding_file,
 )
-from nnunetv2_tak.text_source import dataset_text_embeddings
+from nnunetv2_tak.text.source import dataset_text_embeddings
 
 LABELS = {"background": 0, "liver": 1, "Kidney (R)": 2, "arota": 3}
 DATASET = "Dataset777_TextTest"
@@ -55,7 +55,7 @@ def test_encode_cli_with_random_weight_open_clip_caches_and_reuses(dataset, caps
 
     # a dataset prompt file changes the liver's prompts -> cache is stale and gets rebuilt
     (raw / "tak_prompts.json").write_text(json.dumps({
-        "format": "nnunetv2_tak.prompts/1", "kinds": ["shape", "location"],
+        "format": "nnunetv2_tak.text.prompts/1", "kinds": ["shape", "location"],
         "classes": [{"name": "liver", "prompts": {"shape": ["a huge wedge."], "location": ["right upper."]}}]}))
     rebuilt = dataset_text_embeddings(dataset_json, DATASET, pre)
     assert rebuilt.provenance["prompt_sha256"] != p["prompt_sha256"]
@@ -153,7 +153,7 @@ def test_missing_prompt_via_cli_names_the_label(dataset, capsys):
 
 
 def test_changed_local_checkpoint_makes_the_cache_stale(dataset, tmp_path):
-    from nnunetv2_tak.text import cache_mismatch
+    from nnunetv2_tak.text.embeddings import cache_mismatch
 
     pre = dataset[1]
     assert encode_main(["-d", "777", "--pretrained", RANDOM_WEIGHTS]) == 0

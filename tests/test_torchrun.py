@@ -23,7 +23,7 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from test_trainer import new_trainer
 
 from nnunetv2_tak.cli.train_torchrun import main as train_torchrun_main
-from nnunetv2_tak.distributed import PREEMPTED_EXIT_CODE
+from nnunetv2_tak.trainers.distributed import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_tak.network import split_dynamic_params, unwrap_network
-from nnunetv2_tak.text import CACHE_FILENAME, TextEmbeddingError, random_text_embeddings
+from nnunetv2_tak.model.dynamic_head import split_dynamic_params
+from nnunetv2_tak.model.network import unwrap_network
+from nnunetv2_tak.text.embeddings import CACHE_FILENAME, TextEmbeddingError, random_text_embeddings
 from nnunetv2_tak.trainers import (
     PLANS_KEY,
     nnUNetTrainerTAK,

@@ -22,7 +22,7 @@ import pytest
 from conftest import BIN
 
 from nnunetv2_tak.cli.preprocess_unlabeled import main as preprocess_main
-from nnunetv2_tak.text import CACHE_FILENAME, random_text_embeddings, save_cache
+from nnunetv2_tak.text.embeddings import CACHE_FILENAME, random_text_embeddings, save_cache
 from nnunetv2_tak.unlabeled import (
     MANIFEST,
     UNLABELED_DIR,
@@ -251,19 +251,19 @@ def test_written_files_follow_the_umask_like_nnunet_files(prepared_dataset, tmp_
 def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
     """A requeued array task usually lands on another node: its own earlier lock (same SLURM_JOB_ID, another
     SLURM_RESTART_COUNT) is stale; a lock of another job on another host is not."""
-    from nnunetv2_tak.unlabeled import _acquire_shard_lock, _part_file
+    from nnunetv2_tak.unlabeled import acquire_shard_lock, part_file
 
-    lock = _part_file(tmp_path, 1, 3, "lock")
+    lock = part_file(tmp_path, 1, 3, "lock")
     earlier = {"pid": 1, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
                "slurm_job": "4242", "slurm_restart": "0"}
     lock.write_text(json.dumps(earlier))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     messages: list[str] = []
-    assert _acquire_shard_lock(tmp_path, 1, 3, messages.append) == lock
+    assert acquire_shard_lock(tmp_path, 1, 3, messages.append) == lock
     holder = json.loads(lock.read_text())
     assert holder["pid"] == os.getpid() and holder["slurm_restart"] == "1" and "took over" in messages[0]
 
     lock.write_text(json.dumps({**earlier, "slurm_job": "999"}))  # another job, alive for all we know
     with pytest.raises(UnlabeledDataError, match=r"shard 1 of 3 .* already being preprocessed"):
-        _acquire_shard_lock(tmp_path, 1, 3, messages.append)
+        acquire_shard_lock(tmp_path, 1, 3, messages.append)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from nnunetv2_tak.cli._common import dataset_name as _dataset_name
 from nnunetv2_tak.cli._common import nnunet_folder
-from nnunetv2_tak.prompts import dataset_class_names
-from nnunetv2_tak.text import (
+from nnunetv2_tak.text.embeddings import (
     CACHE_FILENAME,
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -26,7 +25,8 @@ from nnunetv2_tak.text import (
     normalize_model_name,
     save_cache,
 )
-from nnunetv2_tak.text_source import dataset_prompts, raw_dataset_folder
+from nnunetv2_tak.text.prompts import dataset_class_names
+from nnunetv2_tak.text.source import dataset_prompts, raw_dataset_folder
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import json
 import logging
 
 from nnunetv2_tak.cli._common import dataset_folders
-from nnunetv2_tak.splits import SplitError, few_label_split, write_splits
+from nnunetv2_tak.unlabeled.splits import SplitError, few_label_split, write_splits
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nnunetv2_tak.distributed import (
+from nnunetv2_tak.trainers.distributed import (
     PREEMPTED_EXIT_CODE,
     DistributedSetupError,
     DistributedTrainerMixin,
@@ -82,7 +82,8 @@ def _new_trainer(args: argparse.Namespace, device: torch.device):
     if not issubclass(cls, DistributedTrainerMixin):
         raise SystemExit(f"{PROG}: {args.tr} is not an nnUNetTrainerTAK (nor a DistributedTrainerMixin subclass), "
                          "so it would put every process on cuda:<global rank>. Train a TAK trainer, declare "
-                         f"`class My{args.tr}(DistributedTrainerMixin, {args.tr})` (nnunetv2_tak.distributed), or "
+                         f"`class My{args.tr}(DistributedTrainerMixin, {args.tr})` "
+                         "(nnunetv2_tak.trainers.distributed), or "
                          "use nnUNetv2_train -num_gpus for single-node DDP.")
     dataset = args.dataset_name_or_id
     name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))

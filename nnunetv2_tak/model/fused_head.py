@@ -1,6 +1,6 @@
 """Fused Triton kernels for the per-class dynamic head (CUDA; opt-in with ``TAK_FUSED_HEAD=1``).
 
-The eager head (``network.apply_dynamic_head``) computes the per-sample, per-class 1x1 MLP h->h->h->1 as
+The eager head (``dynamic_head.apply_dynamic_head``) computes the per-sample, per-class 1x1 MLP h->h->h->1 as
 batched matmuls with an inner dimension of h = 8: it writes and reads back C*h hidden values per voxel
 (936 at 117 classes), three times over in training, which makes it memory-bound
 (examples/HEAD_OVERHEAD.md). These kernels keep a voxel's hidden values on chip instead: the forward reads
@@ -19,8 +19,7 @@ import os
 
 import torch
 
-from nnunetv2_tak.network import FUSED_HEAD_ENV as FUSED_ENV
-
+FUSED_HEAD_ENV = "TAK_FUSED_HEAD"  # "1": CUDA tensors go through these kernels
 BLOCK_VOXELS = 128  # voxels per program (a power of two)
 PARAM_CHUNKS = 64  # voxel chunks per (sample, class) in the parameter-gradient kernel
 
@@ -29,6 +28,11 @@ try:  # triton ships with CUDA builds of torch; without it the eager head is use
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
+
+
+def fused_head_requested() -> bool:
+    """``TAK_FUSED_HEAD=1``: the head runs as fused Triton kernels on CUDA (nnunetv2_tak.model.fused_head)."""
+    return os.environ.get(FUSED_HEAD_ENV, "0") not in ("", "0")
 
 
 def fused_head_available(x: torch.Tensor) -> bool:
@@ -187,8 +191,8 @@ class _FusedDynamicHead(torch.autograd.Function):
 def apply_fused_head(x: torch.Tensor, params: torch.Tensor, head_channels: int) -> torch.Tensor:
     """x [B, h, n] (flattened voxels), params [B, C, P] -> logits [B, C, n], fused (see the module doc)."""
     if triton is None:
-        raise RuntimeError(f"{FUSED_ENV}=1 needs Triton (it ships with CUDA builds of torch); unset {FUSED_ENV} to "
-                           "use the eager head")
+        raise RuntimeError(f"{FUSED_HEAD_ENV}=1 needs Triton (it ships with CUDA builds of torch); "
+                           f"unset {FUSED_HEAD_ENV} to use the eager head")
     if x.shape[1] != head_channels:
         raise ValueError(f"the head input has {x.shape[1]} channels, the head expects {head_channels}")
     return _FusedDynamicHead.apply(x, params, head_channels)

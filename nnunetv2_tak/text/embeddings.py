@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nnunetv2_tak.fileio import atomic_write, atomic_write_text
-from nnunetv2_tak.prompts import ResolvedPrompts
+from nnunetv2_tak.text.prompts import ResolvedPrompts
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_tak.unlabeled import SPLIT_KEY
+from nnunetv2_tak.unlabeled.files import UnlabeledDataError
+
+SPLIT_KEY = "unlabeled"  # extra key of a splits_final.json entry (nnU-Net ignores it)
+
 
 
 class SplitError(ValueError):
@@ -69,3 +72,38 @@ def write_splits(preprocessed_dataset_folder: str | os.PathLike, splits: list[di
         path.rename(backup)
     path.write_text(json.dumps(splits, indent=1))
     return path
+
+
+def split_unlabeled_cases(splits_file: str | os.PathLike, fold: int | str) -> list[str]:
+    """The ``"unlabeled"`` case ids of fold ``fold`` in splits_final.json ([] when absent or fold 'all');
+    an error when they overlap the fold's train or val cases."""
+    path = Path(splits_file)
+    if not path.is_file():
+        return []
+    splits = json.loads(path.read_text())
+    marked = any(SPLIT_KEY in entry for entry in splits)
+    if isinstance(fold, int) and fold < len(splits):
+        entry = splits[fold]
+        unlabeled = list(entry.get(SPLIT_KEY, []))
+        leaked = sorted(set(unlabeled) & (set(entry.get("train", [])) | set(entry.get("val", []))))
+        if leaked:
+            raise UnlabeledDataError(f"{path} fold {fold} lists {leaked[:5]} both as unlabeled and as train/val; "
+                                     "fix the split (nnUNetv2_tak_make_splits)")
+        return unlabeled
+    if marked:  # nnU-Net would train on every case, labels of the 'unlabeled' ones included
+        raise UnlabeledDataError(
+            f"{path} marks cases as unlabeled, but fold {fold!r} is not one of its {len(splits)} fold(s): nnU-Net "
+            "would train on all cases with their labels. Train one of the split's folds, or make more folds with "
+            "nnUNetv2_tak_make_splits --folds N.")
+    return []
+
+
+def shard_for_rank(identifiers: list[str], rank: int, world_size: int) -> list[str]:
+    """Disjoint shard of the (sorted) unlabeled cases for one DDP rank: no case is streamed by two ranks."""
+    ids = sorted(identifiers)
+    if world_size > len(ids):
+        raise UnlabeledDataError(f"{len(ids)} unlabeled case(s) cannot be split over {world_size} GPUs without "
+                                 "duplicates; add unlabeled images or train on fewer GPUs.")
+    return ids[rank::world_size]
+
+

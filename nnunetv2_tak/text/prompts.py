@@ -18,7 +18,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "nnunetv2_tak.prompts/1"
+FORMAT = "nnunetv2_tak.text.prompts/1"
 DATASET_PROMPTS_FILENAME = "tak_prompts.json"
 _SIDE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 

@@ -1,7 +1,7 @@
 """The quickstart's trainer: TAK with a CPU demo schedule (examples/quickstart.py).
 
 This is a demonstration schedule sized for a laptop CPU, not nnU-Net's recipe: AdamW with poly decay
-and nnU-Net's intensity augmentations only (the evidence benchmark's ``BenchSchedule``), on a short
+and nnU-Net's intensity augmentations only (``schedules.CPUSchedule``, as the evidence benchmark), on a short
 budget. ``nnUNetTrainerTAK`` itself keeps nnU-Net's schedule (SGD, 1000 x 250 iterations, full
 augmentation); use it, not this variant, on real data. The budget was chosen on the validation split
 (fold 0) of the quickstart cohort, never on its held-out test scans (examples/EVIDENCE.md,
@@ -12,20 +12,19 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from nnunetv2_tak.benchmark_trainers import BenchSchedule
-from nnunetv2_tak.network import TextPriorConfig
-from nnunetv2_tak.trainers import nnUNetTrainerTAK
+from nnunetv2_tak.model.network import TextPriorConfig
+from nnunetv2_tak.trainers.schedules import CPUSchedule
+from nnunetv2_tak.trainers.tak import nnUNetTrainerTAK
 
 __all__ = ["nnUNetTrainerTAK_CPUDemo"]
 
 
-class CPUDemoSchedule(BenchSchedule):
+class CPUDemoSchedule(CPUSchedule):
     """Mixin: the quickstart's CPU demo schedule (AdamW + poly decay, intensity-only augmentation)."""
 
     bench_epochs: ClassVar[int] = 16
     bench_iterations: ClassVar[int] = 25
     bench_learning_rate: ClassVar[float] = 8e-3  # validation: beat the benchmark's 3e-3 (EVIDENCE.md)
-    epochs_env_var: ClassVar[str | None] = None  # the demo's budget is fixed
 
 
 class nnUNetTrainerTAK_CPUDemo(CPUDemoSchedule, nnUNetTrainerTAK):

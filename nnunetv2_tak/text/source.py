@@ -8,14 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from nnunetv2_tak.prompts import (
-    PromptError,
-    ResolvedPrompts,
-    dataset_class_names,
-    libraries_for_dataset,
-    resolve_prompts,
-)
-from nnunetv2_tak.text import (
+from nnunetv2_tak.text.embeddings import (
     CACHE_FILENAME,
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -26,6 +19,13 @@ from nnunetv2_tak.text import (
     how_to_provide,
     load_cache,
     save_cache,
+)
+from nnunetv2_tak.text.prompts import (
+    PromptError,
+    ResolvedPrompts,
+    dataset_class_names,
+    libraries_for_dataset,
+    resolve_prompts,
 )
 
 logger = logging.getLogger(__name__)

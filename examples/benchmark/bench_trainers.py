@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_tak.trainers import (
@@ -33,6 +31,7 @@ from nnunetv2_tak.trainers import (
     nnUNetTrainerTAK_RandomText,
     nnUNetTrainerTAK_RawText,
 )
+from nnunetv2_tak.trainers.schedules import CPUSchedule
 
 __all__ = [
     "nnUNetTrainerTAK_Bench",
@@ -53,40 +52,11 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_FOLDER = "teacher_snapshots"
 
 
-class BenchSchedule:
-    """Mixin: the benchmark's schedule (epochs x iterations, AdamW + poly decay, intensity-only
-    augmentation)."""
+class BenchSchedule(CPUSchedule):
+    """Mixin: the benchmark's schedule (``CPUSchedule``: AdamW + poly decay, intensity-only augmentation),
+    40 x 25 iterations unless ``TAK_BENCH_EPOCHS`` (benchmark.py --epochs) says otherwise."""
 
-    bench_epochs: ClassVar[int] = 40
-    bench_iterations: ClassVar[int] = 25
-    bench_learning_rate: ClassVar[float] = 3e-3
-    epochs_env_var: ClassVar[str | None] = "TAK_BENCH_EPOCHS"  # benchmark.py --epochs; None: fixed epochs
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        epochs = os.environ.get(self.epochs_env_var) if self.epochs_env_var else None
-        self.num_epochs = int(epochs or self.bench_epochs)
-        self.num_iterations_per_epoch = self.bench_iterations
-        self.num_val_iterations_per_epoch = 5
-        self.initial_lr = self.bench_learning_rate
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=3e-5)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """No mirroring in training or inference; patches are cut at their final size."""
-        rotation, dummy_2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, self.configuration_manager.patch_size, None
-
-    @staticmethod
-    def get_training_transforms(*args, **kwargs):
-        """nnU-Net's training pipeline without its spatial transform (rotation, scaling, cropping)."""
-        pipeline = nnUNetTrainer.get_training_transforms(*args, **kwargs)
-        pipeline.transforms = [t for t in pipeline.transforms if not isinstance(t, SpatialTransform)]
-        return pipeline
+    epochs_env_var: ClassVar[str | None] = "TAK_BENCH_EPOCHS"
 
 
 def save_teacher_snapshot(output_folder: str | os.PathLike, epoch: int, teacher_state: dict) -> Path:

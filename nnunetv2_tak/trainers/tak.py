@@ -33,20 +33,9 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_tak.checkpoints import (
-    describe_extension,
-    extension_allowed,
-    how_to_extend,
-    poly_lr,
-    read_checkpoint,
-    stored_text_centering,
-)
-from nnunetv2_tak.distributed import DistributedTrainerMixin
-from nnunetv2_tak.losses import GADiceLoss, GALoss, text_visual_contrastive_loss
-from nnunetv2_tak.network import TextPriorConfig, TextPriorUNet, unwrap_network
-from nnunetv2_tak.progress import TAKLocalLogger
-from nnunetv2_tak.prompts import dataset_class_names
-from nnunetv2_tak.teacher import (
+from nnunetv2_tak.model.network import TextPriorConfig, TextPriorUNet, unwrap_network
+from nnunetv2_tak.semisupervised.losses import GADiceLoss, GALoss, text_visual_contrastive_loss
+from nnunetv2_tak.semisupervised.teacher import (
     LN2,
     EMATeacher,
     clipped_noise,
@@ -56,14 +45,25 @@ from nnunetv2_tak.teacher import (
     sigmoid_rampup,
     teacher_predictions,
 )
-from nnunetv2_tak.text import (
+from nnunetv2_tak.text.embeddings import (
     RANDOM_WEIGHTS,
     TextEmbeddingError,
     TextEmbeddings,
     how_to_provide,
     random_text_embeddings,
 )
-from nnunetv2_tak.text_source import dataset_text_embeddings, raw_dataset_folder
+from nnunetv2_tak.text.prompts import dataset_class_names
+from nnunetv2_tak.text.source import dataset_text_embeddings, raw_dataset_folder
+from nnunetv2_tak.trainers.distributed import DistributedTrainerMixin
+from nnunetv2_tak.trainers.progress import TAKLocalLogger
+from nnunetv2_tak.trainers.resume import (
+    describe_extension,
+    extension_allowed,
+    how_to_extend,
+    poly_lr,
+    read_checkpoint,
+    stored_text_centering,
+)
 from nnunetv2_tak.unlabeled import (
     UNLABELED_DIR,
     ImageOnlyDataset,
@@ -74,29 +74,7 @@ from nnunetv2_tak.unlabeled import (
     split_unlabeled_cases,
 )
 
-__all__ = [
-    "PLANS_KEY",
-    "SSLSettingsError",
-    "nnUNetTrainerTAK",
-    "nnUNetTrainerTAK_CenteredText",
-    "nnUNetTrainerTAK_ConfidentDiceCE",
-    "nnUNetTrainerTAK_Debug",
-    "nnUNetTrainerTAK_GALoss",
-    "nnUNetTrainerTAK_GALoss_Quick",
-    "nnUNetTrainerTAK_NoContrastive",
-    "nnUNetTrainerTAK_NoContrastive_Quick",
-    "nnUNetTrainerTAK_NoText",
-    "nnUNetTrainerTAK_NoText_Debug",
-    "nnUNetTrainerTAK_NoText_Quick",
-    "nnUNetTrainerTAK_NoUnlabeled",
-    "nnUNetTrainerTAK_NoUnlabeled_Quick",
-    "nnUNetTrainerTAK_Quick",
-    "nnUNetTrainerTAK_RandomText",
-    "nnUNetTrainerTAK_RandomText_Debug",
-    "nnUNetTrainerTAK_RawText",
-    "nnUNetTrainerTAK_TextPriorOnly",
-    "nnUNetTrainerTAK_TextPriorOnly_Debug",
-]
+__all__ = ["CHECKPOINT_KEY", "PLANS_KEY", "SSLSettingsError", "nnUNetTrainerTAK"]
 
 PLANS_KEY = "tak_text_prior"  # per-configuration entry in plans.json: head geometry + text provenance
 CHECKPOINT_KEY = "tak_ssl"  # extra checkpoint entry: teacher, SSL settings, unlabeled set, loss state
@@ -642,123 +620,3 @@ class nnUNetTrainerTAK(DistributedTrainerMixin, nnUNetTrainer):
                 "with (its provenance is in plans.json 'tak_text_prior' of the results folder) or train into another "
                 "output folder. Nothing was changed."
             )
-
-
-# --- variants: each overrides a few attributes ---------------------------------------------
-class _Quick:
-    """CPU schedule: 20 epochs x 25 iterations; accepts random-weight text (offline quickstart)."""
-
-    allow_random_text_encoder = True
-    epochs = 20
-    iterations_per_epoch = 25
-    val_iterations_per_epoch = 5
-
-
-class _Debug:
-    """Plumbing checks: 1 epoch of 2 iterations, 1 validation iteration; accepts random-weight text.
-    The contrastive term starts at once so that every term runs."""
-
-    allow_random_text_encoder = True
-    epochs = 1
-    iterations_per_epoch = 2
-    val_iterations_per_epoch = 1
-    contrastive_start_fraction = 0.0
-
-
-class nnUNetTrainerTAK_RandomText(nnUNetTrainerTAK):
-    """Ablation: seeded random text embeddings instead of prompts (no textual knowledge). Not centred:
-    independent Gaussian vectors share no common component to remove (the benchmark measured it so)."""
-
-    text_source = "random"
-    text_prior = TextPriorConfig(text_centering="none")
-
-
-class nnUNetTrainerTAK_NoText(nnUNetTrainerTAK):
-    """Ablation: learned class embeddings instead of text (head and contrastive anchors learn them), not
-    centred: nothing fixed to remove (the benchmark measured it so)."""
-
-    text_source = "learned"
-    text_prior = TextPriorConfig(text_centering="none")
-
-
-class nnUNetTrainerTAK_RawText(nnUNetTrainerTAK):
-    """The reference code's text handling: the raw CLIP text features into the text MLP, not centred across
-    classes. The ablation behind the default (examples/EVIDENCE.md, "Does the text help")."""
-
-    text_prior = TextPriorConfig(text_centering="none")
-
-
-class nnUNetTrainerTAK_NoUnlabeled(nnUNetTrainerTAK):
-    """Ablation: labeled data only, with text-prior head and contrastive term (no teacher, no pseudo-labels)."""
-
-    use_unlabeled = False
-
-
-class nnUNetTrainerTAK_NoContrastive(nnUNetTrainerTAK):
-    """Ablation: no text-visual contrastive term."""
-
-    contrastive_weight = 0.0
-
-
-class nnUNetTrainerTAK_TextPriorOnly(nnUNetTrainerTAK):
-    """The labeled-only text-prior network of the first release: no unlabeled data, no contrastive term."""
-
-    use_unlabeled = False
-    contrastive_weight = 0.0
-
-
-class nnUNetTrainerTAK_GALoss(nnUNetTrainerTAK):
-    """Class-imbalance aware supervised loss: GALoss (GACE + GADice, the reference code's) in place of
-    nnU-Net's Dice+CE, with the same deep supervision."""
-
-    supervised_loss = "ga"
-
-
-class nnUNetTrainerTAK_Quick(_Quick, nnUNetTrainerTAK):
-    pass
-
-
-class nnUNetTrainerTAK_Debug(_Debug, nnUNetTrainerTAK):
-    pass
-
-
-class nnUNetTrainerTAK_RandomText_Debug(_Debug, nnUNetTrainerTAK_RandomText):
-    pass
-
-
-class nnUNetTrainerTAK_NoText_Quick(_Quick, nnUNetTrainerTAK_NoText):
-    pass
-
-
-class nnUNetTrainerTAK_NoText_Debug(_Debug, nnUNetTrainerTAK_NoText):
-    pass
-
-
-class nnUNetTrainerTAK_NoUnlabeled_Quick(_Quick, nnUNetTrainerTAK_NoUnlabeled):
-    pass
-
-
-class nnUNetTrainerTAK_NoContrastive_Quick(_Quick, nnUNetTrainerTAK_NoContrastive):
-    pass
-
-
-class nnUNetTrainerTAK_TextPriorOnly_Debug(_Debug, nnUNetTrainerTAK_TextPriorOnly):
-    pass
-
-
-class nnUNetTrainerTAK_GALoss_Quick(_Quick, nnUNetTrainerTAK_GALoss):
-    pass
-
-
-class nnUNetTrainerTAK_ConfidentDiceCE(nnUNetTrainerTAK):
-    """Pseudo-label loss of release 0.1: nnU-Net's Dice+CE on the teacher's confident voxels only, instead
-    of the reference's GADice on every voxel (README, "Reference vs ours")."""
-
-    unsup_loss = "dice_ce_confident"
-
-
-class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
-    """The default since text centring became it (TextPriorConfig.text_centering = "center_scale"): kept so
-    that runs started under this name resume (--c) and keep their name."""
-
-    text_prior = TextPriorConfig(text_centering="center_scale")

@@ -19,7 +19,7 @@ Protocol (all through the stock nnU-Net commands):
      and small organs (by median volume in the test labels), and a bar plot per class and method;
   7. paired differences between methods (TAK - stock, TAK - each ablation, raw text - stock) on the
      mean, the small-organ mean and each organ, with a bootstrap 95% interval over (seed, test case)
-     pairs that both methods have (nnunetv2_tak.evidence), the fraction of the stock-to-reference gap
+     pairs that both methods have (evidence), the fraction of the stock-to-reference gap
      closed, and per method and seed the organs stuck at 0 Dice;
   8. pseudo-label quality over training: the TAK benchmark trainers keep the EMA teacher's weights every
      5 epochs; after training, each snapshot predicts the unlabeled pool cases of the few-label split
@@ -37,7 +37,7 @@ Profiles: "cpu" (default; about 87 minutes on 2 CPU cores for the five default m
 a 24x48x48 cohort at 10x6x6 mm, plans shrunk to 8..64 features (whole-volume patch, batch 2), 40 x 25
 iterations; "gpu": a 96x192x192 cohort at 2.5x1.5x1.5 mm with the network nnU-Net plans, 400 x 25
 iterations on CUDA (not run by the authors yet). Every method trains with the schedule of
-``nnunetv2_tak.benchmark_trainers`` (AdamW 3e-3 with poly decay, intensity augmentation only).
+``bench_trainers`` (AdamW 3e-3 with poly decay, intensity augmentation only).
 
 Text: "tak" uses the real CLIP text embeddings of ``--text-embeddings`` (16 AMOS classes, imported
 with ``nnUNetv2_tak_encode_prompts --embeddings``), centred across classes as the plugin's default;
@@ -58,8 +58,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from nnunetv2_tak.workspace import use_workspace
+from workspace import use_workspace
 
 DATASET_ID = 510
 BIN = Path(sys.executable).parent
@@ -133,7 +132,7 @@ def prepare(work: Path, args: argparse.Namespace) -> Path:
 def write_splits(pre: Path, pool: list[str], args: argparse.Namespace) -> None:
     """Per seed s: fold 2s = few-label split (``--labeled`` labeled, ``--val`` validation, the rest
     unlabeled), fold 2s+1 = the same validation cases with every other pool case labeled (reference)."""
-    from nnunetv2_tak.splits import few_label_split
+    from nnunetv2_tak.unlabeled.splits import few_label_split
 
     path = pre / "splits_final.json"
     seeds = max(args.seeds) + 1
@@ -155,8 +154,7 @@ def evaluate_cases(pred_dir: Path, gt_dir: Path, labels: dict[int, str], toleran
     absent from both). ``confusion`` ([L, L], labels 0..L-1), if given, accumulates the [true label,
     predicted label] voxel counts of the same files."""
     import SimpleITK as sitk
-
-    from nnunetv2_tak.metrics import case_metrics
+    from metrics import case_metrics
 
     cases: dict[str, dict[int, dict[str, float]]] = {}
     for gt_file in sorted(gt_dir.glob("*.nii.gz")):
@@ -196,7 +194,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, labels: dict[int, str], tolerance: fl
 
 def keeps_snapshots(trainer: str) -> bool:
     """Whether a benchmark trainer has a teacher and keeps its snapshots."""
-    from nnunetv2_tak import benchmark_trainers
+    import bench_trainers as benchmark_trainers
 
     cls = getattr(benchmark_trainers, trainer, None)
     return (cls is not None and issubclass(cls, benchmark_trainers.TeacherSnapshots)
@@ -215,12 +213,12 @@ def pseudo_label_quality(fold_dir: Path, fold: int, cases: list[str], data_folde
     ``final_model`` the one "snapshot" is the trained network of checkpoint_final.pth at its last epoch
     (for stock nnU-Net: what labeled-only training knows about the same unlabeled cases)."""
     import torch
+    from bench_trainers import teacher_snapshots
+    from evidence import overlap_counts
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunetv2_tak.benchmark_trainers import teacher_snapshots
-    from nnunetv2_tak.evidence import overlap_counts
-    from nnunetv2_tak.network import unwrap_network
+    from nnunetv2_tak.model.network import unwrap_network
 
     if final_model:
         final = fold_dir / "checkpoint_final.pth"
@@ -391,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                           for case, per_label in per_case.items() for label, metric in per_label.items()]
             final_model = method == "stock"  # no teacher: its final network is the baseline for the teachers
             if not args.no_pseudo_label_quality and (final_model or (kind == "few" and keeps_snapshots(trainer))):
-                from nnunetv2_tak.benchmark_trainers import teacher_snapshots
+                from bench_trainers import teacher_snapshots
 
                 pl_quality[(method, seed)] = pseudo_label_quality(
                     output, fold, sorted(splits[fold]["unlabeled"]), data_folder, max(labels) + 1,
@@ -502,7 +500,7 @@ def write_report(work: Path, rows: list[dict], costs: list[dict], labels: dict[i
 
 def stuck_table(rows: list[dict], labels: dict[int, str]) -> list[str]:
     """Markdown lines: per method and seed, the organs whose test mean Dice is below STUCK_DICE."""
-    from nnunetv2_tak.evidence import stuck_organs
+    from evidence import stuck_organs
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
@@ -551,7 +549,7 @@ def evidence_section(case_rows: list[dict], labels: dict[int, str], large: list[
     """Markdown lines: paired differences of ``comparisons`` (a - b) with bootstrap 95% intervals over (seed, case)
     pairs (and with seeds resampled as clusters), in words and per organ, with where the voxels of an organ
     that got worse went (from ``confusions``); fraction of the gap closed."""
-    from nnunetv2_tak.evidence import gap_fraction, paired_difference
+    from evidence import gap_fraction, paired_difference
 
     present = list(dict.fromkeys(r["method"] for r in case_rows))
     units = {m: _dice_units(case_rows, m, labels) for m in present}
@@ -642,8 +640,7 @@ def pseudo_label_section(out: Path, pl_quality: dict[tuple[str, int], list[dict]
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
-
-    from nnunetv2_tak.evidence import dice_from_counts
+    from evidence import dice_from_counts
 
     records = []
     for (method, seed), snapshots in pl_quality.items():
