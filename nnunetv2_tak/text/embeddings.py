@@ -54,6 +54,8 @@ class TextEmbeddings:
             what = f"embedding file {p.get('file')}"
         else:
             what = f"RANDOM text embeddings (seed {p.get('seed')}) - no textual knowledge"
+        if "class_permutation" in p:
+            what += f", classes PERMUTED (class c gets the text of class order[c], order {p['class_permutation']})"
         return f"{what}, shape {list(self.shape)}, classes {p.get('class_names')}"
 
 

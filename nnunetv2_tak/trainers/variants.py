@@ -4,7 +4,11 @@ text, raw text, no unlabeled data, no contrastive term, labeled-only text prior)
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from nnunetv2_tak.model.network import TextPriorConfig
+from nnunetv2_tak.text.embeddings import TextEmbeddings
+from nnunetv2_tak.text.shuffle import derangement, permute_classes
 from nnunetv2_tak.trainers.tak import nnUNetTrainerTAK
 
 __all__ = [
@@ -19,6 +23,7 @@ __all__ = [
     "nnUNetTrainerTAK_RandomText",
     "nnUNetTrainerTAK_RandomText_Debug",
     "nnUNetTrainerTAK_RawText",
+    "nnUNetTrainerTAK_ShuffledText",
     "nnUNetTrainerTAK_TextPriorOnly",
     "nnUNetTrainerTAK_TextPriorOnly_Debug",
 ]
@@ -112,3 +117,15 @@ class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
     that runs started under this name resume (--c) and keep their name."""
 
     text_prior = TextPriorConfig(text_centering="center_scale")
+
+
+class nnUNetTrainerTAK_ShuffledText(nnUNetTrainerTAK):
+    """Ablation: the dataset's real text with the organs' descriptions permuted by a fixed derangement that keeps
+    background in place (every organ gets another organ's text); everything else as nnUNetTrainerTAK, centring
+    included. If it scores like nnUNetTrainerTAK, the descriptions' content does not matter."""
+
+    text_shuffle_seed: ClassVar[int] = 0
+
+    def resolve_text_embeddings(self) -> TextEmbeddings:
+        embeddings = super().resolve_text_embeddings()
+        return permute_classes(embeddings, derangement(embeddings.shape[0], self.text_shuffle_seed))
