@@ -16,7 +16,8 @@ def test_derangement_moves_every_organ_and_keeps_background(num_classes):
     assert order[0] == 0
     assert all(order[c] != c for c in range(1, num_classes))
     assert derangement(num_classes) == order  # fixed: a resumed run or a second seed gets the same text
-    assert derangement(num_classes, seed=1) != order or num_classes == 3  # 3 classes: one derangement only
+    if num_classes > 4:  # 2 or 3 organs have only 1 or 2 derangements
+        assert derangement(num_classes, seed=1) != order
 
 
 def test_two_classes_cannot_be_deranged_around_background():
