@@ -18,7 +18,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "nnunetv2_tak.text.prompts/1"
+FORMAT = "nnunetv2_tak.prompts/1"  # the data format's name (the shipped files carry it), not a module path
+_ACCEPTED_FORMATS = (FORMAT, "nnunetv2_tak.text.prompts/1")  # the second: an alias some files carry
 DATASET_PROMPTS_FILENAME = "tak_prompts.json"
 _SIDE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
@@ -29,11 +30,11 @@ class PromptError(ValueError):
 
 def shipped_prompts_dir() -> Path:
     """Folder of the prompt libraries shipped with the package (wheel) or the source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "prompts", here.parent / "prompts"):
+    package = Path(__file__).resolve().parent.parent  # nnunetv2_tak/
+    for candidate in (package / "prompts", package.parent / "prompts"):  # wheel, source checkout
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"shipped prompts folder not found next to {here}; reinstall nnunetv2-tak")
+    raise FileNotFoundError(f"shipped prompts folder not found next to {package}; reinstall nnunetv2-tak")
 
 
 def shipped_prompt_files() -> list[Path]:
@@ -83,7 +84,7 @@ def load_prompt_library(path: str | os.PathLike) -> PromptLibrary:
         raise
     except (OSError, json.JSONDecodeError) as e:
         raise _fail(path, f"cannot be read as JSON ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in _ACCEPTED_FORMATS:
         raise _fail(path, f"expected a JSON object with \"format\": \"{FORMAT}\"")
     kinds = data.get("kinds")
     if not (isinstance(kinds, list) and kinds and all(isinstance(k, str) and k for k in kinds)):
