@@ -1,6 +1,8 @@
 """nnunetv2_tak: TAK (textual anatomical knowledge) for nnU-Net v2.
 
-The stock CLI finds the trainers by name (``-tr nnUNetTrainerTAK``). Library API::
+The stock CLI finds the trainers by name (``-tr nnUNetTrainerTAK``). Packages: ``model`` (text-prior
+network, dynamic head, fused kernels), ``semisupervised`` (EMA teacher, losses), ``text`` (prompts,
+embeddings), ``unlabeled`` (unlabeled data), ``trainers`` (the nnU-Net trainers), ``cli``. Library API::
 
     from nnunetv2_tak import TextPriorUNet, encode_prompts, load_prompt_library
 

@@ -109,7 +109,7 @@ def test_old_plans_load_unknown_keys_are_refused_and_bad_values_are_named():
 class CenteredDebug(nnUNetTrainerTAK):
     """The default trainer (centred text) on a one-iteration schedule; own results folder."""
 
-    text_source = "random"  # the session's dataset has no text cache; centring applies the same way
+    text_source = "random"  # the shared test dataset has no text cache; centring applies the same way
     epochs = 1
     iterations_per_epoch = 1
     val_iterations_per_epoch = 1
@@ -139,8 +139,8 @@ class RawDebug(CenteredDebug):
 
 
 def test_resume_with_other_text_centring_is_refused_with_how_to_continue(nnunet_env, monkeypatch):
-    """A run trained with the raw text (0.1's default) resumed under the centred default: refused before
-    anything loads, with the rename that continues it; a checkpoint from before the setting was stored is
+    """A run trained with the raw text (an older default) resumed under the centred default: refused before
+    anything loads, with the rename that continues it; a checkpoint that does not store the setting is
     judged by its results folder's plans.json."""
     from test_trainer import new_trainer
 
@@ -154,7 +154,7 @@ def test_resume_with_other_text_centring_is_refused_with_how_to_continue(nnunet_
     raw.save_checkpoint(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     assert checkpoint["tak_ssl"]["settings"]["text_centering"] == "none"
-    del checkpoint["tak_ssl"]["settings"]["text_centering"]  # as 0.1 wrote them
+    del checkpoint["tak_ssl"]["settings"]["text_centering"]  # as checkpoints without the setting have them
     torch.save(checkpoint, path)
 
     monkeypatch.setattr(RawDebug, "text_prior", CenteredDebug.text_prior)  # the default changed under the run
@@ -176,7 +176,7 @@ def test_stored_text_centering_reads_the_run_plans(tmp_path):
     from nnunetv2_tak.trainers.resume import stored_text_centering
 
     plans = tmp_path / "plans.json"
-    assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "none"  # no plans: 0.1 and before
+    assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "none"  # no plans: an older run, raw text
     head = TextPriorConfig(text_centering="center_scale").to_dict()
     plans.write_text(json.dumps({"configurations": {"3d_fullres": {PLANS_KEY: {"head": head}}}}))
     assert stored_text_centering(plans, "3d_fullres", PLANS_KEY) == "center_scale"

@@ -9,8 +9,8 @@ and the logits' gradient and recomputes the hidden values. Same maths (float32 a
 tests/test_fused_head.py checks logits and gradients against ``_dynamic_head_flat`` with Triton's
 interpreter on the CPU (``TRITON_INTERPRET=1``).
 
-Not measured on a GPU yet, hence opt-in: ``examples/benchmark_head_overhead.py --device cuda`` compares it
-with the eager head where a GPU is available.
+Not measured on a GPU yet, hence opt-in: ``bash examples/gpu_check.sh`` checks it against the eager head on
+a GPU and times both (``examples/benchmark_head_overhead.py --device cuda --fused``).
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ class TextPriorUNet(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def _replace_foreign_contrast_heads(self, state_dict, prefix: str) -> None:
-        """Checkpoints of nnunetv2_tak 0.1 carry contrastive heads of another form (MLPs on gathered
+        """Checkpoints written by nnunetv2_tak 0.1 carry contrastive heads of another form (MLPs on gathered
         voxels). They are training-only, so such a checkpoint still predicts: its heads are replaced by
         this network's (freshly initialised) ones, with a warning. Resuming training from it is refused
         by the trainer's settings check."""
