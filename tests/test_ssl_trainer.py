@@ -179,15 +179,12 @@ def test_split_unlabeled_cases_train_with_their_labels_deleted(prepared_dataset,
 def test_ramps_follow_the_reference_schedule():
     """Threshold over 100 of 160 epochs (62.5%), pseudo-label weight over all 160 (reference code)."""
     import math
-    from types import SimpleNamespace
 
     from nnunetv2_tak.semisupervised.teacher import sigmoid_rampup
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
 
-    knobs = {k: getattr(nnUNetTrainerTAK, k) for k in (
-        "entropy_rampup_fraction", "unsup_rampup_fraction", "unsup_weight", "contrastive_weight",
-        "contrastive_start_fraction", "entropy_threshold_base", "entropy_threshold_start", "use_unlabeled")}
-    trainer = SimpleNamespace(num_epochs=160, **knobs)
+    trainer = object.__new__(nnUNetTrainerTAK)  # the class's knobs, no nnU-Net set-up
+    trainer.num_epochs = 160
     at_100 = nnUNetTrainerTAK.ssl_weights(trainer, 100)
     assert at_100["threshold"] == pytest.approx(math.log(2))  # fully ramped at epoch 100
     assert at_100["unsup"] == pytest.approx(0.1 * sigmoid_rampup(100, 160))  # still ramping

@@ -207,6 +207,8 @@ class DistributedTrainerMixin:
         iteration and epoch whether any rank was signalled, and then checkpoints and raises TrainingStopped."""
         if self.stop_request is None:
             return super().run_training()
+        # the loop of nnUNetTrainer.run_training (nnunetv2 2.8), which has no hook between iterations, with the
+        # two stop checks added
         self.on_train_start()
         for _ in range(self.current_epoch, self.num_epochs):
             self.on_epoch_start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,3 +109,42 @@ def stored_text_centering(plans_file: str | os.PathLike, configuration: str, pla
     except (OSError, KeyError, ValueError):
         return "none"
     return (stored or {}).get("head", {}).get("text_centering", "none")
+
+
+class SSLSettingsError(RuntimeError):
+    """A resumed run whose semi-supervised settings or unlabeled data differ from its checkpoint's."""
+
+
+def changed_settings(current: dict, stored: dict, allow_extend: bool) -> tuple[dict[str, tuple], bool]:
+    """Settings whose value differs between the run (``current``) and its checkpoint (``stored``), as
+    {name: (now, checkpoint)}, and whether the run extends the checkpoint's schedule (a larger ``num_epochs``
+    with ``allow_extend``; then ``num_epochs`` is not listed as differing)."""
+    differing = {k: (v, stored.get(k)) for k, v in current.items() if stored.get(k) != v}
+    old_epochs = stored.get("num_epochs")
+    extending = ("num_epochs" in differing and isinstance(old_epochs, int)
+                 and current["num_epochs"] > old_epochs and allow_extend)
+    if extending:
+        del differing["num_epochs"]
+    return differing, extending
+
+
+def refuse_changed_settings(name: str, trainer_name: str, stored_trainer: str | None, differing: dict[str, tuple],
+                            stored_epochs: object, num_epochs: int, hint: str = "") -> SSLSettingsError:
+    """The error for a resume whose settings differ: every setting with both values, and how to go on."""
+    listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differing.items())
+    if "num_epochs" in differing and isinstance(stored_epochs, int):
+        hint = f" {how_to_extend(trainer_name, stored_epochs, num_epochs)}{hint}"
+    return SSLSettingsError(
+        f"{name} was trained with other semi-supervised settings ({listed}). Resume with the trainer and settings "
+        f"it started with ({stored_trainer}) or train into a new output folder; nothing was loaded or changed.{hint}")
+
+
+def retire_final_checkpoint(filename: str, old_epochs: int) -> str:
+    """nnU-Net's --c always prefers checkpoint_final.pth. Once a finished run is extended, its final checkpoint
+    becomes checkpoint_final_epoch<N>.pth and a copy of it checkpoint_latest.pth, so that a later --c (after
+    preemption) resumes the extended run instead of restarting it at the old end. Returns the kept file."""
+    folder = os.path.dirname(os.path.abspath(filename))
+    kept = os.path.join(folder, f"checkpoint_final_epoch{old_epochs}.pth")
+    shutil.copyfile(filename, os.path.join(folder, "checkpoint_latest.pth"))
+    os.replace(filename, kept)
+    return kept

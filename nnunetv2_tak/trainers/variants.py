@@ -1,6 +1,7 @@
-"""User-facing variants of nnUNetTrainerTAK, each a few class attributes: the ablations (no text, random
-text, raw text, no unlabeled data, no contrastive term, labeled-only text prior), the alternative losses, and
-``_Debug`` schedules for plumbing checks (1 epoch of 2 iterations; they accept random-weight text)."""
+"""User-facing variants of nnUNetTrainerTAK and nnUNetTrainerMeanTeacher, each a few class attributes: the
+ablations (no text, random text, raw text, shuffled text, no unlabeled data, no contrastive term, labeled-only
+text prior), the alternative losses, and ``_Debug`` schedules for plumbing checks (1 epoch of 2 iterations;
+they accept random-weight text)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import ClassVar
 from nnunetv2_tak.model.network import TextPriorConfig
 from nnunetv2_tak.text.embeddings import TextEmbeddings
 from nnunetv2_tak.text.shuffle import derangement, permute_classes
+from nnunetv2_tak.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunetv2_tak.trainers.tak import nnUNetTrainerTAK
 
 __all__ = [
+    "nnUNetTrainerMeanTeacher_Debug",
     "nnUNetTrainerTAK_CenteredText",
     "nnUNetTrainerTAK_ConfidentDiceCE",
     "nnUNetTrainerTAK_Debug",
@@ -76,7 +79,7 @@ class nnUNetTrainerTAK_NoContrastive(nnUNetTrainerTAK):
 
 
 class nnUNetTrainerTAK_TextPriorOnly(nnUNetTrainerTAK):
-    """The labeled-only text-prior network of the first release: no unlabeled data, no contrastive term."""
+    """Ablation: the text-prior network trained on labeled data only: no unlabeled data, no contrastive term."""
 
     use_unlabeled = False
     contrastive_weight = 0.0
@@ -106,15 +109,15 @@ class nnUNetTrainerTAK_TextPriorOnly_Debug(_Debug, nnUNetTrainerTAK_TextPriorOnl
 
 
 class nnUNetTrainerTAK_ConfidentDiceCE(nnUNetTrainerTAK):
-    """Pseudo-label loss of release 0.1: nnU-Net's Dice+CE on the teacher's confident voxels only, instead
-    of the reference's GADice on every voxel (README, "Reference vs ours")."""
+    """Pseudo-label loss alternative: nnU-Net's Dice+CE on the teacher's confident voxels only, instead of the
+    reference's GADice on every voxel (README, "Reference vs ours")."""
 
     unsup_loss = "dice_ce_confident"
 
 
 class nnUNetTrainerTAK_CenteredText(nnUNetTrainerTAK):
-    """The default since text centring became it (TextPriorConfig.text_centering = "center_scale"): kept so
-    that runs started under this name resume (--c) and keep their name."""
+    """Same as nnUNetTrainerTAK (centred text, ``text_centering="center_scale"``), under its own name: results
+    folders trained under this name keep resuming (--c) and predicting."""
 
     text_prior = TextPriorConfig(text_centering="center_scale")
 
@@ -129,3 +132,7 @@ class nnUNetTrainerTAK_ShuffledText(nnUNetTrainerTAK):
     def resolve_text_embeddings(self) -> TextEmbeddings:
         embeddings = super().resolve_text_embeddings()
         return permute_classes(embeddings, derangement(embeddings.shape[0], self.text_shuffle_seed))
+
+
+class nnUNetTrainerMeanTeacher_Debug(_Debug, nnUNetTrainerMeanTeacher):
+    pass
