@@ -16,6 +16,9 @@ NUM_CLASSES = 5
 
 
 def build(arch: str, dim: int, deep_supervision: bool, extra: dict | None = None) -> TextPriorUNet:
+    """The network as the predictor builds it from a trained model's plans (with the head's plans entry)."""
+    if extra is None:
+        extra = {PLANS_KEY: {"head": nnUNetTrainerTAK.text_prior.to_dict(), "text": {}}}
     cm = configuration_manager(arch, dim, extra=extra)
     return nnUNetTrainerTAK.build_network_architecture(None, cm, 1, NUM_CLASSES, deep_supervision)
 
@@ -74,6 +77,19 @@ def test_head_geometry_comes_from_plans():
     other = build("plain", 2, False)
     with pytest.raises(RuntimeError, match="text embeddings have shape"):
         other.load_state_dict(net.state_dict())
+
+
+@pytest.mark.parametrize("embed_dim", [512, 768])
+def test_plans_without_the_head_entry_refuse_a_trained_model_by_name(embed_dim):
+    """A results-folder plans.json without 'tak_text_prior' (hand-edited, or copied from the preprocessed
+    folder): the network gets the class's default head, so a trained model's weights are refused with the
+    missing key and where it comes from, also where the text shape happens to fit (512)."""
+    head = TextPriorConfig(embed_dim=embed_dim).to_dict()
+    trained = build("plain", 2, False, extra={PLANS_KEY: {"head": head, "text": {}}})
+    without_entry = build("plain", 2, False, extra={})
+    assert without_entry.missing_settings_entry == PLANS_KEY
+    with pytest.raises(RuntimeError, match=r"no 'tak_text_prior' entry.*plans\.json of its results folder"):
+        without_entry.load_state_dict(trained.state_dict())
 
 
 def test_wrong_embedding_shape_is_rejected():

@@ -203,6 +203,9 @@ class TextPriorUNet(nn.Module):
         super().__init__()
         config = config or TextPriorConfig()
         self.config = config
+        # set where the head settings are the trainer's defaults because the plans lack their entry: loading
+        # a trained model's weights into such a network is refused (its head may differ in ways weights can't show)
+        self.missing_settings_entry: str | None = None
         self.encoder = backbone.encoder
         self.decoder = backbone.decoder
         channels = list(self.encoder.output_channels)
@@ -255,6 +258,14 @@ class TextPriorUNet(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "text_prior.text_embeddings"
         own = self.text_prior.text_embeddings
+        if key in state_dict and self.missing_settings_entry is not None:
+            raise RuntimeError(
+                f"the plans this network was built from have no {self.missing_settings_entry!r} entry, so its "
+                f"text-prior head has the trainer class's default settings, not the trained model's (the checkpoint's "
+                f"text is {list(state_dict[key].shape)} classes x kinds x dim). Training writes the entry into the "
+                f"plans.json of its results folder (nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/"
+                f"plans.json), which nnUNetv2_predict reads: restore that file from the training's results folder, "
+                f"or copy the configuration's {self.missing_settings_entry!r} entry back into it.")
         if key in state_dict and tuple(state_dict[key].shape) != tuple(own.shape):
             raise RuntimeError(
                 f"the checkpoint's text embeddings have shape {list(state_dict[key].shape)} (classes, kinds, "
