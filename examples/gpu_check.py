@@ -15,7 +15,8 @@ the default GPU memory target), text embeddings from the open_clip text tower wi
      default torch.compile (on for CUDA unless ``nnUNet_compile`` says otherwise), by
      examples/benchmark_iteration_cost.py at the planned network, patch and batch;
   2. a short TAK training through the stock CLI (``nnUNetv2_train ... -tr
-     nnUNetTrainerTAK_RandomText_Short``: nnU-Net's recipe, ``--epochs`` x ``--iterations``), then the
+     nnUNetTrainerTAK_RandomText_Short``: nnU-Net's recipe, ``--epochs`` x ``--iterations``; a trainer of
+     examples/benchmark/trainers/, which this script adds to ``nnUNet_extTrainer``), then the
      stock ``nnUNetv2_predict`` of the test scans with that model (nnU-Net's default test-time mirroring);
   3. prints the ratios TAK / stock (time, memory, prediction) and the wall times of steps 2.
 
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from workspace import use_workspace
 
     work = use_workspace(args.work_dir)
+    sys.path.append(str(HERE / "benchmark"))
+    from runs import use_bench_trainers
+
+    use_bench_trainers()  # nnUNetTrainerTAK_RandomText_Short lives with the benchmark's trainers
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     print(f"work dir {work}; nnUNet_compile={os.environ['nnUNet_compile']}")

@@ -1,5 +1,5 @@
-"""The evidence benchmark's own helpers (examples/benchmark.py): splits, organ groups, evaluation on
-files, and the report tables. The training runs themselves are the stock CLI (tested elsewhere)."""
+"""The evidence benchmark's own helpers (examples/benchmark/): splits, organ groups, evaluation on files,
+and the report tables. The training runs themselves are the stock CLI (test_benchmark_runs.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import load_example
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_example("benchmark/benchmark.py", "tak_benchmark_example")
+from cohort import organ_groups, write_splits
+from methods import COMPARISONS, cost_row, parse_externals
+from report import write_report
+from scoring import evaluate_cases, keeps_snapshots, mean_over_cases
 
 
 def _write_labels(path: Path, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> None:
@@ -24,9 +22,9 @@ def _write_labels(path: Path, labels: np.ndarray, spacing_zyx: tuple[float, floa
     sitk.WriteImage(img, str(path))
 
 
-def test_splits_few_label_and_reference_share_validation(bench, tmp_path):
+def test_splits_few_label_and_reference_share_validation(tmp_path):
     pool = [f"case_{i:03d}" for i in range(10)]
-    bench.write_splits(tmp_path, pool, argparse.Namespace(seeds=[0, 1], labeled=3, val=2))
+    write_splits(tmp_path, pool, argparse.Namespace(seeds=[0, 1], labeled=3, val=2))
     splits = json.loads((tmp_path / "splits_final.json").read_text())
     assert len(splits) == 4  # per seed: few-label fold 2s, reference fold 2s+1
     for seed in (0, 1):
@@ -38,23 +36,23 @@ def test_splits_few_label_and_reference_share_validation(bench, tmp_path):
         assert sorted(reference["train"]) == sorted(few["train"] + few["unlabeled"])
         assert "unlabeled" not in reference
     assert splits[0]["train"] != splits[2]["train"]  # seeds draw different labeled cases
-    bench.write_splits(tmp_path, pool, argparse.Namespace(seeds=[0], labeled=3, val=2))  # a later run, fewer seeds
+    write_splits(tmp_path, pool, argparse.Namespace(seeds=[0], labeled=3, val=2))  # a later run, fewer seeds
     assert json.loads((tmp_path / "splits_final.json").read_text()) == splits  # seed 1's folds are kept
 
 
-def test_organ_groups_by_median_test_volume(bench, tmp_path):
+def test_organ_groups_by_median_test_volume(tmp_path):
     # spacing 10 x 10 x 10 mm: one voxel is 1 ml
     for i, (big, tiny) in enumerate(((200, 5), (150, 0), (300, 9))):
         labels = np.zeros(1000, np.uint8)
         labels[:big] = 1
         labels[big:big + tiny] = 2
         _write_labels(tmp_path / f"case_{i}.nii.gz", labels.reshape(10, 10, 10), (10.0, 10.0, 10.0))
-    large, small = bench.organ_groups(tmp_path, {1: "liver", 2: "adrenal", 3: "absent"}, threshold_ml=100.0)
+    large, small = organ_groups(tmp_path, {1: "liver", 2: "adrenal", 3: "absent"}, threshold_ml=100.0)
     assert large == [1]
     assert small == [2, 3]  # median of the cases containing it (7 ml); never present counts as small
 
 
-def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
+def test_evaluate_reads_files_on_their_grid(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir()
     pred_dir.mkdir()
@@ -64,14 +62,15 @@ def test_evaluate_reads_files_on_their_grid(bench, tmp_path):
     pred[1:3, 2:6, 2:4] = 1  # half of it
     _write_labels(gt_dir / "a.nii.gz", gt, (5.0, 1.0, 1.0))
     _write_labels(pred_dir / "a.nii.gz", pred, (5.0, 1.0, 1.0))
-    scores = bench.evaluate(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0)
-    assert list(bench.evaluate_cases(pred_dir, gt_dir, {1: "liver"}, tolerance=1.0)) == ["a"]
+    labels = {1: "liver", 2: "spleen"}
+    scores = mean_over_cases(evaluate_cases(pred_dir, gt_dir, labels, tolerance=1.0), labels)
+    assert list(evaluate_cases(pred_dir, gt_dir, {1: "liver"}, tolerance=1.0)) == ["a"]
     assert scores[1]["dice"] == pytest.approx(2 * 16 / (32 + 16))
     assert scores[1]["hd95"] == pytest.approx(2.0)  # the missed half lies up to 2 mm in x from the prediction
     assert np.isnan(scores[2]["dice"])  # absent from both: not counted
 
 
-def test_evaluation_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
+def test_evaluation_counts_where_each_true_voxel_was_predicted(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir()
     pred_dir.mkdir()
@@ -84,18 +83,18 @@ def test_evaluation_counts_where_each_true_voxel_was_predicted(bench, tmp_path):
         _write_labels(folder / "a.nii.gz", data, (1.0, 1.0, 1.0))
         _write_labels(folder / "b.nii.gz", gt, (1.0, 1.0, 1.0))  # a second, perfect case
     counts = np.zeros((3, 3), dtype=np.int64)
-    bench.evaluate_cases(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0, confusion=counts)
+    evaluate_cases(pred_dir, gt_dir, {1: "liver", 2: "spleen"}, tolerance=1.0, confusion=counts)
     assert counts.tolist() == [[2 * 24 - 1, 1, 0], [0, 5 + 8, 3], [0, 0, 0]]
 
 
-def test_which_trainers_keep_teacher_snapshots(bench):
-    assert bench.keeps_snapshots("nnUNetTrainerTAK_Bench")
-    assert bench.keeps_snapshots("nnUNetTrainerTAK_RawText_Bench")
-    assert not bench.keeps_snapshots("nnUNetTrainerTAK_NoUnlabeled_Bench")  # no teacher
-    assert not bench.keeps_snapshots("nnUNetTrainer_Bench")
+def test_which_trainers_keep_teacher_snapshots():
+    assert keeps_snapshots("nnUNetTrainerTAK_Bench")
+    assert keeps_snapshots("nnUNetTrainerTAK_RawText_Bench")
+    assert not keeps_snapshots("nnUNetTrainerTAK_NoUnlabeled_Bench")  # no teacher
+    assert not keeps_snapshots("nnUNetTrainer_Bench")
 
 
-def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
+def test_report_means_spread_groups_and_cost_ratios(tmp_path):
     labels = {1: "liver", 2: "adrenal"}
     rows = []
     for seed, (liver, adrenal) in enumerate(((0.9, 0.1), (0.7, 0.3))):
@@ -107,12 +106,15 @@ def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
                   "hd95": 10.0},
                  {"method": "tak", "seed": seed, "label": 2, "organ": "adrenal", "dice": float("nan"),
                   "nsd": float("nan"), "hd95": float("nan")}]
-    costs = [{"method": "stock", "seed": s, "train_min": 1.0, "predict_s": 10.0, "epochs": 2, "epoch_s": 4.0,
-              "pl_coverage": float("nan")} for s in (0, 1)]
-    costs += [{"method": "tak", "seed": s, "train_min": 2.0, "predict_s": 12.0, "epochs": 2, "epoch_s": 10.0,
-               "pl_coverage": 0.5} for s in (0, 1)]
+    stats = {"stock": {"epochs": 2, "epoch_s": 4.0, "train_wall_min": 2.0, "pl_coverage": float("nan")},
+             "tak": {"epochs": 2, "epoch_s": 10.0, "train_wall_min": 5.0, "pl_coverage": 0.5},
+             "selftrain": {"epochs": 2, "epoch_s": 4.0, "train_wall_min": 3.0, "pl_coverage": float("nan")}}
+    extra = {"selftrain": {"first_train_wall_min": 2.0, "pseudo_label_predict_s": 30.0, "preprocess_s": 30.0}}
+    costs = [cost_row(m, s, 60.0, {"tak": 12.0}.get(m, 10.0), stats[m], extra.get(m, {}))
+             for m in ("stock", "tak", "selftrain") for s in (0, 1)]
+    assert costs[-1]["total_min"] == pytest.approx(2.0 + 0.5 + 0.5 + 3.0)  # stock + pool prediction + dataset + own
     args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=200)
-    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3)
+    write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3)
 
     report = (tmp_path / "report" / "results.md").read_text().splitlines()
     assert "Test set: 3 scans (labelsTs)" in report[0]  # counted, not the generation argument
@@ -122,8 +124,12 @@ def test_report_means_spread_groups_and_cost_ratios(bench, tmp_path):
     assert "| adrenal | 0.200 ± 0.100 | nan |" in dice
     assert "| **mean** | 0.500 ± 0.000 | 0.800 ± 0.100 |" in dice  # per-seed means, then over seeds
     assert "| **small organs** | 0.200 ± 0.100 | nan |" in dice
-    assert "| tak | 10.0 | 2.50 | 12.0 | 1.20 | 50.0% |" in report
-    assert "| stock | 4.0 | 1.00 | 10.0 | 1.00 | - |" in report
+    assert "| stock | 4.0 | 1.00 | 2.0 | 2.0 | 1.00 | 10.0 | 1.00 | - |" in report
+    assert "| tak | 10.0 | 2.50 | 5.0 | 5.0 | 2.50 | 12.0 | 1.20 | 50.0% |" in report
+    assert "| selftrain | 4.0 | 1.00 | 3.0 | 6.0 | 3.00 | 10.0 | 1.00 | - |" in report
+    assert ("selftrain's total: the stock training it starts from 2.0 min + the pool's pseudo-labels "
+            "(nnUNetv2_predict) 30 s + its dataset (nnUNetv2_move_plans_between_datasets, nnUNetv2_preprocess) "
+            "30 s + its own training 3.0 min.") in report
     assert len((tmp_path / "report" / "per_class.csv").read_text().splitlines()) == 1 + len(rows)
     assert len((tmp_path / "report" / "cost.csv").read_text().splitlines()) == 1 + len(costs)
     assert (tmp_path / "report" / "dice_per_class.png").stat().st_size > 0
@@ -151,7 +157,7 @@ def _mean_rows(case_rows: list[dict]) -> list[dict]:
              "nsd": 0.5, "hd95": 5.0} for (m, s, k), v in rows.items()]
 
 
-def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, tmp_path):
+def test_report_paired_differences_gap_stuck_organs_and_partial_results(tmp_path):
     labels = {1: "liver", 2: "adrenal"}
     case_rows = (_case_rows("reference", [0, 1], 0.9, 0.7)
                  + _case_rows("stock", [0, 1], 0.8, 0.3, zero_adrenal_seed=1)  # stock misses it in seed 1
@@ -171,7 +177,7 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     confusion = {m: np.array([[90, 5, 5], [10, 80, 10], [0, 2, 8]]) for m in ("reference", "stock", "tak_notext")}
     confusion["tak"] = np.array([[90, 5, 5], [10, 60, 30], [0, 2, 8]])  # a third of the liver called adrenal
     confusions = {(m, s): c for m, c in confusion.items() for s in (0, 1)}
-    bench.write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3, case_rows=case_rows,
+    write_report(tmp_path, rows, costs, labels, [1], [2], args, n_test=3, case_rows=case_rows,
                        pl_quality=pl, epochs=40, reference_epochs=120, confusions=confusions)
     report = (tmp_path / "report" / "results.md").read_text()
 
@@ -187,8 +193,9 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
                for line in lines)
     assert ("- **tak - tak_notext** (3 (seed, case) pairs of seeds [0]; seeds [1] skipped: only one of the two "
             "has them; too few pairs for a bootstrap interval to mean much):") in lines
-    assert ("- Not compared (one side has no results): tak - tak_randomtext, tak - tak_rawtext, "
-            "tak - tak_nounlabeled, tak - tak_nocontrastive, tak_rawtext - stock, tak_unsup_dicece - tak.") in lines
+    assert ("- Not compared (one side has no results): tak - selftrain, tak - tak_randomtext, "
+            "tak - tak_shuffledtext, tak - tak_rawtext, tak - tak_nounlabeled, tak - tak_nocontrastive, "
+            "tak_rawtext - stock, tak_unsup_dicece - tak.") in lines
     assert "  - organs worse with tak than with tak_notext beyond the interval: liver -0.05 [-0.05, -0.05]" in lines
     assert ("  - where those organs' test voxels went (tak / tak_notext, seeds [0]): liver: adrenal 30% / 10%, "
             "background 10% / 10%") in lines
@@ -213,21 +220,21 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(bench, t
     assert len((tmp_path / "report" / "pseudo_label_quality.csv").read_text().splitlines()) == 1 + 3 * 2
 
 
-def test_external_predictions_are_named_checked_and_compared_with_stock_and_tak(bench, tmp_path):
-    assert bench.parse_externals(["old=runs/tak_seed{seed}"]) == {"old": "runs/tak_seed{seed}"}
+def test_external_predictions_are_named_checked_and_compared_with_stock_and_tak(tmp_path):
+    assert parse_externals(["old=runs/tak_seed{seed}"]) == {"old": "runs/tak_seed{seed}"}
     for bad, says in (("old=runs/tak_seed0", "{seed}"), ("runs/tak_seed{seed}", "NAME=FOLDER"),
                       ("tak=runs/{seed}", "taken"), ("=runs/{seed}", "NAME=FOLDER")):
         with pytest.raises(SystemExit, match=says):
-            bench.parse_externals([bad])
+            parse_externals([bad])
     with pytest.raises(SystemExit, match="taken"):
-        bench.parse_externals(["old=a{seed}", "old=b{seed}"])
+        parse_externals(["old=a{seed}", "old=b{seed}"])
 
     labels = {1: "liver", 2: "adrenal"}
     case_rows = (_case_rows("stock", [0, 1], 0.8, 0.3) + _case_rows("tak", [0, 1], 0.8, 0.4)
                  + _case_rows("old", [0, 1], 0.8, 0.35))
     args = argparse.Namespace(seeds=[0, 1], test=6, nsd_mm=2.0, small_ml=100.0, bootstrap=200)
-    comparisons = [*bench.COMPARISONS, ("old", "stock"), ("tak", "old")]
-    bench.write_report(tmp_path, _mean_rows(case_rows), [], labels, [1], [2], args, n_test=3,
+    comparisons = [*COMPARISONS, ("old", "stock"), ("tak", "old")]
+    write_report(tmp_path, _mean_rows(case_rows), [], labels, [1], [2], args, n_test=3,
                        case_rows=case_rows, comparisons=comparisons)
     lines = (tmp_path / "report" / "results.md").read_text().splitlines()
     assert any(line.startswith("  - old - stock on small organs: +0.050 [0.050, 0.050], resolved (old better)")

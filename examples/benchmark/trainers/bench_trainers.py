@@ -1,20 +1,20 @@
-"""Trainers of the evidence benchmark (examples/benchmark.py): the stock nnUNetTrainer and the TAK
-variants with one shared schedule, so every method gets the same plans, iterations, optimizer and
-augmentation.
+"""Trainers of the evidence benchmark (examples/benchmark/benchmark.py): the stock nnUNetTrainer, the TAK
+variants and the plain mean teacher with one shared schedule, so every method gets the same plans, iterations,
+optimizer and augmentation. This folder holds trainer modules only: nnU-Net's external lookup imports every
+module of each folder in ``nnUNet_extTrainer`` (runs.use_bench_trainers adds this one).
 
 nnU-Net's recipe (SGD, momentum 0.99, poly decay, rotation/scaling/mirroring augmentation) needs
-thousands of iterations before the small organs appear; on 2 CPU cores that is out of reach
-(DESIGN.md, "CPU calibration"). The benchmark therefore uses AdamW (lr 3e-3, poly decay) and
-nnU-Net's intensity augmentations only (noise, blur, brightness, contrast, low resolution, gamma; no
-spatial transform, no mirroring), applied identically to the baseline and to every variant, labeled
-and unlabeled stream alike. In 1,000 iterations with lr 1e-3 the fully supervised reference segmented
-none of the small organs but the aorta; with 3e-3 it also reached the gallbladder, esophagus, IVC,
-pancreas and an adrenal gland (validation pseudo-Dice; examples/EVIDENCE.md, "Evidence benchmark").
+thousands of iterations before the small organs appear; on 2 CPU cores that is out of reach. The
+benchmark therefore uses AdamW (lr 3e-3, poly decay) and nnU-Net's intensity augmentations only (noise,
+blur, brightness, contrast, low resolution, gamma; no spatial transform, no mirroring), applied
+identically to the baseline and to every variant, labeled and unlabeled stream alike. In 1,000
+iterations with lr 1e-3 the fully supervised reference segmented none of the small organs but the aorta;
+with 3e-3 it also reached the gallbladder, esophagus, IVC, pancreas and an adrenal gland (validation
+pseudo-Dice; examples/EVIDENCE.md, "Evidence benchmark").
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -30,6 +30,7 @@ from nnunetv2_tak.trainers import (
     nnUNetTrainerTAK_NoUnlabeled,
     nnUNetTrainerTAK_RandomText,
     nnUNetTrainerTAK_RawText,
+    nnUNetTrainerTAK_ShuffledText,
 )
 from nnunetv2_tak.trainers.schedules import CPUSchedule
 
@@ -42,12 +43,10 @@ __all__ = [
     "nnUNetTrainerTAK_RandomText_Bench",
     "nnUNetTrainerTAK_RandomText_Short",
     "nnUNetTrainerTAK_RawText_Bench",
+    "nnUNetTrainerTAK_ShuffledText_Bench",
     "nnUNetTrainer_Bench",
     "nnUNetTrainer_BenchReference",
-    "nnUNetTrainer_Short",
 ]
-
-logger = logging.getLogger(__name__)
 
 SNAPSHOT_FOLDER = "teacher_snapshots"
 
@@ -62,8 +61,6 @@ class BenchSchedule(CPUSchedule):
 def save_teacher_snapshot(output_folder: str | os.PathLike, epoch: int, teacher_state: dict) -> Path:
     """Write ``teacher_snapshots/epoch_NNNN.pth`` ({"epoch", "teacher"}: the EMA teacher's state dict
     only, no optimizer) atomically; returns its path."""
-    import torch
-
     folder = Path(output_folder) / SNAPSHOT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch_{epoch:04d}.pth"
@@ -81,8 +78,8 @@ def teacher_snapshots(output_folder: str | os.PathLike) -> list[tuple[int, Path]
 
 
 class TeacherSnapshots:
-    """Mixin for TAK trainers: keep the teacher's weights every ``teacher_snapshot_every`` epochs and at
-    the last one (0: never). A few MB each for the benchmark's network."""
+    """Mixin for trainers with an EMA teacher: keep the teacher's weights every ``teacher_snapshot_every``
+    epochs and at the last one (0: never). A few MB each for the benchmark's network."""
 
     teacher_snapshot_every: ClassVar[int] = 5
 
@@ -109,7 +106,8 @@ class ShortSchedule:
 
 
 class nnUNetTrainer_Bench(BenchSchedule, nnUNetTrainer):
-    """Stock nnU-Net (labeled cases only) on the benchmark schedule."""
+    """Stock nnU-Net (labeled cases only) on the benchmark schedule; also the self-training recipe's two
+    trainings (the second on labeled + pseudo-labeled cases)."""
 
 
 class nnUNetTrainer_BenchReference(BenchSchedule, nnUNetTrainer):
@@ -135,15 +133,15 @@ class nnUNetTrainerTAK_RawText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrai
     pass
 
 
+class nnUNetTrainerTAK_ShuffledText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_ShuffledText):
+    """The real text with the organs' descriptions permuted among the organs (does their content matter?)."""
+
+
 class nnUNetTrainerTAK_NoContrastive_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_NoContrastive):
     pass
 
 
 class nnUNetTrainerTAK_NoUnlabeled_Bench(BenchSchedule, nnUNetTrainerTAK_NoUnlabeled):
-    pass
-
-
-class nnUNetTrainer_Short(ShortSchedule, nnUNetTrainer):
     pass
 
 

@@ -1,0 +1,88 @@
+"""The benchmark's self-training baseline (examples/benchmark/selftrain.py): its dataset is built with the stock
+nnU-Net commands from the benchmark's plans, holds the pseudo-labels of the unlabeled pool cases and never
+reads those cases' true labels; then the whole method through the benchmark's command line, once trained
+and once reused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from cohort import DATASET_ID
+from selftrain import build_raw_dataset, dataset_id, dataset_name, preprocess
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "examples" / "benchmark" / "benchmark.py"
+
+
+def _labels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _pseudo_label(image: Path, out: Path, label: int) -> np.ndarray:
+    """A label map on ``image``'s grid: one box of ``label`` (what a model might have predicted)."""
+    img = sitk.ReadImage(str(image))
+    labels = np.zeros(tuple(reversed(img.GetSize())), np.uint8)
+    labels[2:-2, 10:30, 10:30] = label
+    out_img = sitk.GetImageFromArray(labels)
+    out_img.CopyInformation(img)
+    sitk.WriteImage(out_img, str(out))
+    return labels
+
+
+def test_selftrain_dataset_has_the_pseudo_labels_and_never_reads_the_pool_labels(prepared_dataset, tmp_path,
+                                                                                monkeypatch):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    source_name = f"Dataset{DATASET_ID:03d}_TAKBenchmark"
+    source = tmp_path / "nnUNet_raw" / source_name
+    shutil.copytree(prepared_dataset.raw, source)
+    (tmp_path / "nnUNet_preprocessed" / source_name).mkdir()
+    for name in ("nnUNetPlans.json", "dataset.json"):
+        shutil.copy(prepared_dataset.preprocessed / name, tmp_path / "nnUNet_preprocessed" / source_name / name)
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (source / "labelsTr").glob("*.nii.gz"))
+    split = {"train": cases[:2], "val": cases[2:3], "unlabeled": cases[3:6]}
+    true = {case: _labels(source / "labelsTr" / f"{case}.nii.gz") for case in split["train"] + split["val"]}
+    pseudo_dir = tmp_path / "pseudo_labels"
+    pseudo_dir.mkdir()
+    pseudo = {case: _pseudo_label(source / "imagesTr" / f"{case}_0000.nii.gz", pseudo_dir / f"{case}.nii.gz", k)
+              for k, case in enumerate(split["unlabeled"], start=1)}
+    # the pool cases' true labels: gone, unreadable, or valid but wrong; none of it may reach the new dataset
+    missing, garbage, wrong = split["unlabeled"]
+    (source / "labelsTr" / f"{missing}.nii.gz").unlink()
+    (source / "labelsTr" / f"{garbage}.nii.gz").write_bytes(b"not an image")
+    _pseudo_label(source / "imagesTr" / f"{wrong}_0000.nii.gz", source / "labelsTr" / f"{wrong}.nii.gz", 15)
+
+    target = tmp_path / "nnUNet_raw" / dataset_name(0)
+    dataset_json = build_raw_dataset(source, target, split, pseudo_dir)
+    preprocess(DATASET_ID, dataset_id(0), dataset_name(0), split, dataset_json, tmp_path)
+
+    assert dataset_json["numTraining"] == 6 and json.loads((target / "dataset.json").read_text()) == dataset_json
+    assert sorted(p.name for p in (target / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in cases[:6]]
+    for case, labels in {**true, **pseudo}.items():
+        np.testing.assert_array_equal(_labels(target / "labelsTr" / f"{case}.nii.gz"), labels, err_msg=case)
+    pre = tmp_path / "nnUNet_preprocessed" / dataset_name(0)
+    source_plans = json.loads((prepared_dataset.preprocessed / "nnUNetPlans.json").read_text())
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    assert plans == {**source_plans, "dataset_name": dataset_name(0)}  # the benchmark's network and preprocessing
+    assert json.loads((pre / "splits_final.json").read_text()) == [
+        {"train": sorted(split["train"] + split["unlabeled"]), "val": split["val"]}]
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data = pre / plans["configurations"]["3d_fullres"]["data_identifier"]
+    dataset = infer_dataset_class(str(data))(str(data), cases[:6])
+    for case in (missing, garbage, wrong):  # nnU-Net trains on the pseudo-labels (same grid: no resampling)
+        seg = np.asarray(dataset.load_case(case)[1])[0]
+        assert seg.shape == pseudo[case].shape
+        np.testing.assert_array_equal(seg, pseudo[case])
+
+
+def test_selftrain_stops_when_a_pseudo_label_is_missing(prepared_dataset, tmp_path):
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (prepared_dataset.raw / "labelsTr").glob("*.nii.gz"))
+    split = {"train": cases[:2], "val": cases[2:3], "unlabeled": cases[3:4]}
+    with pytest.raises(SystemExit, match=f"no pseudo-label .*{cases[3]}.nii.gz"):
+        build_raw_dataset(prepared_dataset.raw, tmp_path / "Dataset511_X", split, tmp_path)
