@@ -1,0 +1,103 @@
+"""The plain mean teacher (nnUNetTrainerMeanTeacher): nnU-Net's own network with TAK's unlabeled stream,
+EMA teacher and pseudo-label loss, no text. Through the stock CLI on a dataset whose organs have no prompts,
+predicted with the stock predictor; resumed in-process with teacher and settings checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATASET_ID, nnunet_cli
+from test_trainer import new_trainer
+
+from nnunetv2_tak.trainers import (
+    CHECKPOINT_KEY,
+    SSLSettingsError,
+    nnUNetTrainerMeanTeacher,
+    nnUNetTrainerMeanTeacher_Debug,
+    nnUNetTrainerTAK,
+)
+from nnunetv2_tak.trainers.distributed import DistributedTrainerMixin
+from nnunetv2_tak.trainers.settings import checked_knobs
+
+TRAINER = "nnUNetTrainerMeanTeacher_Debug"
+
+
+def test_mean_teacher_trains_and_predicts_through_the_stock_cli_without_prompts(prepared_dataset, tmp_path):
+    """Labels renamed to names no prompt library knows: TAK would stop, the mean teacher needs no text."""
+    env = dict(prepared_dataset.env)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(tmp_path / var)
+    raw = tmp_path / "nnUNet_raw" / prepared_dataset.name
+    pre = tmp_path / "nnUNet_preprocessed" / prepared_dataset.name
+    shutil.copytree(prepared_dataset.raw, raw)
+    shutil.copytree(prepared_dataset.preprocessed, pre, ignore=shutil.ignore_patterns("*_unlabeled", "tak_*"))
+    for folder in (raw, pre):
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        dataset_json["labels"] = {("background" if v == 0 else f"structure {v}"): v
+                                  for v in dataset_json["labels"].values()}
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+
+    proc = nnunet_cli("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
+                      env=env)
+    assert "TAK text source" not in proc.stdout
+    assert "unlabeled case(s)" in proc.stdout and "TAK pseudo-labels:" in proc.stdout
+    fold = tmp_path / "nnUNet_results" / prepared_dataset.name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    weights = checkpoint["network_weights"]
+    assert not any(k.startswith(("text_prior.", "contrast.")) for k in weights)  # nnU-Net's own network
+    assert any(".seg_layers." in k for k in weights)  # nnU-Net's segmentation layers
+    ssl = checkpoint[CHECKPOINT_KEY]
+    assert set(ssl["teacher"]["weights"]) == set(weights) and ssl["teacher"]["step"] == 2
+    assert ssl["num_unlabeled"] == 3 and set(ssl["settings"]) == {*checked_knobs(nnUNetTrainerMeanTeacher),
+                                                                  "num_epochs", "num_iterations_per_epoch"}
+    plans = json.loads((fold.parent / "plans.json").read_text())
+    assert "tak_text_prior" not in plans["configurations"]["3d_fullres"]
+
+    out = tmp_path / "pred"
+    nnunet_cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c",
+               "3d_fullres", "-f", "0", "-tr", TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu",
+               "--disable_tta", "-npp", "1", "-nps", "1", env=env)
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert cases and sorted(p.name[:-len(".nii.gz")] for p in out.glob("*.nii.gz")) == cases
+
+
+class ResumeMeanTeacher(nnUNetTrainerMeanTeacher_Debug):
+    """Own class name: own results folder."""
+
+
+class ResumeMeanTeacherOtherWeight(ResumeMeanTeacher):
+    unsup_weight = 0.3
+
+
+def test_mean_teacher_resumes_its_teacher_and_refuses_other_settings(nnunet_env):
+    first = new_trainer(ResumeMeanTeacher, nnunet_env)
+    first.run_training()
+    final = Path(first.output_folder) / "checkpoint_final.pth"
+    assert first.logger.get_value("tak_contrast_weight", 0) == 0.0  # no contrastive term
+    resumed = new_trainer(ResumeMeanTeacher, nnunet_env)
+    resumed.load_checkpoint(str(final))
+    assert resumed.teacher.step == first.teacher.step == 2
+    for (name, a), b in zip(first.teacher.module.state_dict().items(),
+                            resumed.teacher.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(SSLSettingsError, match=r"unsup_weight: checkpoint 0.1, now 0.3"):
+        new_trainer(ResumeMeanTeacherOtherWeight, nnunet_env).load_checkpoint(str(final))
+
+
+def test_tak_is_the_mean_teacher_plus_text_and_contrast():
+    """Every knob the mean teacher checks on resume, TAK checks too; TAK adds the text and contrastive ones.
+    The names are the checkpoint format: checkpoints store exactly these settings."""
+    mean_teacher, tak = set(checked_knobs(nnUNetTrainerMeanTeacher)), set(checked_knobs(nnUNetTrainerTAK))
+    assert mean_teacher == {"use_unlabeled", "unlabeled_batch_size", "ema_decay", "teacher_noise_std",
+                            "teacher_noise_clip", "entropy_threshold_base", "entropy_threshold_start",
+                            "entropy_rampup_fraction", "unsup_weight", "unsup_rampup_fraction", "unsup_loss",
+                            "supervised_loss", "ga_top_fraction", "ga_gamma"}
+    assert tak - mean_teacher == {"text_source", "contrastive_weight", "contrastive_stage_reduction",
+                                  "contrastive_start_fraction", "contrastive_temperature", "contrastive_anchors",
+                                  "contrastive_on_unlabeled"}
+    assert issubclass(nnUNetTrainerMeanTeacher, DistributedTrainerMixin)  # torchrun and -num_gpus building blocks
