@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATASET_ID, nnunet_cli
+from test_ssl_trainer import resume_and_compare_teachers
 from test_trainer import new_trainer
 
 from nnunetv2_tak.trainers import (
@@ -79,12 +80,7 @@ def test_mean_teacher_resumes_its_teacher_and_refuses_other_settings(nnunet_env)
     first.run_training()
     final = Path(first.output_folder) / "checkpoint_final.pth"
     assert first.logger.get_value("tak_contrast_weight", 0) == 0.0  # no contrastive term
-    resumed = new_trainer(ResumeMeanTeacher, nnunet_env)
-    resumed.load_checkpoint(str(final))
-    assert resumed.teacher.step == first.teacher.step == 2
-    for (name, a), b in zip(first.teacher.module.state_dict().items(),
-                            resumed.teacher.module.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=name)
+    resume_and_compare_teachers(first, nnunet_env)
     with pytest.raises(SSLSettingsError, match=r"unsup_weight: checkpoint 0.1, now 0.3"):
         new_trainer(ResumeMeanTeacherOtherWeight, nnunet_env).load_checkpoint(str(final))
 

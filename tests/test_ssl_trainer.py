@@ -33,6 +33,18 @@ class ResumeOtherDecay(ResumeTrainer):
     ema_decay = 0.9
 
 
+def resume_and_compare_teachers(first, nnunet_env):
+    """A new trainer of ``first``'s class resumed from its checkpoint_final.pth, its EMA teacher (step and every
+    weight) checked against ``first``'s."""
+    resumed = new_trainer(type(first), nnunet_env)
+    resumed.load_checkpoint(str(Path(first.output_folder) / "checkpoint_final.pth"))
+    assert resumed.teacher.step == first.teacher.step == 2  # one EMA update per iteration
+    for (name, a), b in zip(first.teacher.module.state_dict().items(),
+                            resumed.teacher.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    return resumed
+
+
 def test_one_epoch_then_resume_restores_teacher_optimizer_and_logs(nnunet_env):
     first = new_trainer(ResumeTrainer, nnunet_env)
     first.run_training()
@@ -48,12 +60,7 @@ def test_one_epoch_then_resume_restores_teacher_optimizer_and_logs(nnunet_env):
     text = Path(first.log_file).read_text()
     assert "TAK losses: supervised" in text and "TAK pseudo-labels:" in text and "3 unlabeled case(s)" in text
 
-    resumed = new_trainer(ResumeTrainer, nnunet_env)
-    resumed.load_checkpoint(str(final))
-    assert resumed.teacher.step == 2
-    for (name, a), b in zip(first.teacher.module.state_dict().items(),
-                            resumed.teacher.module.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=name)
+    resumed = resume_and_compare_teachers(first, nnunet_env)
     assert not all(torch.equal(a, b) for a, b in zip(first.teacher.module.state_dict().values(),
                                                      unwrap_network(first.network).state_dict().values(),
                                                      strict=True))  # the teacher is not the student
