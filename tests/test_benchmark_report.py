@@ -193,7 +193,7 @@ def test_report_paired_differences_gap_stuck_organs_and_partial_results(tmp_path
                for line in lines)
     assert ("- **tak - tak_notext** (3 (seed, case) pairs of seeds [0]; seeds [1] skipped: only one of the two "
             "has them; too few pairs for a bootstrap interval to mean much):") in lines
-    assert ("- Not compared (one side has no results): tak - selftrain, tak - tak_randomtext, "
+    assert ("- Not compared (one side has no results): tak - selftrain, tak - meanteacher, tak - tak_randomtext, "
             "tak - tak_shuffledtext, tak - tak_rawtext, tak - tak_nounlabeled, tak - tak_nocontrastive, "
             "tak_rawtext - stock, tak_unsup_dicece - tak.") in lines
     assert "  - organs worse with tak than with tak_notext beyond the interval: liver -0.05 [-0.05, -0.05]" in lines

@@ -5,8 +5,12 @@ and once reused."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,7 @@ def test_selftrain_dataset_has_the_pseudo_labels_and_never_reads_the_pool_labels
     source = tmp_path / "nnUNet_raw" / source_name
     shutil.copytree(prepared_dataset.raw, source)
     (tmp_path / "nnUNet_preprocessed" / source_name).mkdir()
-    for name in ("nnUNetPlans.json", "dataset.json"):
+    for name in ("nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json"):
         shutil.copy(prepared_dataset.preprocessed / name, tmp_path / "nnUNet_preprocessed" / source_name / name)
     cases = sorted(p.name[:-len(".nii.gz")] for p in (source / "labelsTr").glob("*.nii.gz"))
     split = {"train": cases[:2], "val": cases[2:3], "unlabeled": cases[3:6]}
@@ -69,6 +73,8 @@ def test_selftrain_dataset_has_the_pseudo_labels_and_never_reads_the_pool_labels
     source_plans = json.loads((prepared_dataset.preprocessed / "nnUNetPlans.json").read_text())
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     assert plans == {**source_plans, "dataset_name": dataset_name(0)}  # the benchmark's network and preprocessing
+    assert (pre / "dataset_fingerprint.json").read_bytes() == (
+        prepared_dataset.preprocessed / "dataset_fingerprint.json").read_bytes()
     assert json.loads((pre / "splits_final.json").read_text()) == [
         {"train": sorted(split["train"] + split["unlabeled"]), "val": split["val"]}]
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -86,3 +92,48 @@ def test_selftrain_stops_when_a_pseudo_label_is_missing(prepared_dataset, tmp_pa
     split = {"train": cases[:2], "val": cases[2:3], "unlabeled": cases[3:4]}
     with pytest.raises(SystemExit, match=f"no pseudo-label .*{cases[3]}.nii.gz"):
         build_raw_dataset(prepared_dataset.raw, tmp_path / "Dataset511_X", split, tmp_path)
+
+
+def _benchmark(work: Path, methods: list[str], *args: str) -> str:
+    """Run examples/benchmark/benchmark.py as a user does (no nnUNet_extTrainer set); its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "TAK_TEXT_EMBEDDINGS")}
+    env.update({"nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "HF_HUB_OFFLINE": "1"})
+    cmd = [sys.executable, str(BENCHMARK), "--work-dir", str(work), "--methods", *methods, "--pool", "5",
+           "--labeled", "2", "--val", "1", "--test", "1", "--epochs", "1", "--no-pseudo-label-quality",
+           "--bootstrap", "20", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.e2e
+def test_selftrain_through_the_benchmark_then_reused_step_by_step(tmp_path):
+    work = tmp_path / "bench"
+    first = _benchmark(work, ["stock", "selftrain"])
+    commands = [line.split()[1] for line in first.splitlines() if line.startswith("$ ")]
+    # stock trained once (selftrain starts from it), its pseudo-labels, the dataset, the second training
+    assert commands.count("nnUNetv2_train") == 2
+    assert commands.count("nnUNetv2_move_plans_between_datasets") == commands.count("nnUNetv2_preprocess") == 1
+    assert commands.count("nnUNetv2_predict") == 3  # test set twice, the unlabeled pool once
+    splits = json.loads((work / "nnUNet_preprocessed" / "Dataset510_TAKBenchmark" / "splits_final.json").read_text())
+    pseudo = work / "selftrain" / "seed0" / "pseudo_labels"
+    assert sorted(p.name for p in pseudo.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in sorted(splits[0]["unlabeled"])]
+    model = (work / "nnUNet_results" / dataset_name(0) / "nnUNetTrainer_Bench__nnUNetPlans__3d_fullres" / "fold_0"
+             / "checkpoint_final.pth")
+    assert model.is_file()
+    records = {p.name: p.read_text() for p in (work / "selftrain" / "seed0").glob("*.json")}
+    report = (work / "report" / "results.md").read_text()
+    assert "| organ | stock | selftrain |" in report and "selftrain's total: the stock training" in report
+
+    with open(work / "report" / "cost.csv") as f:
+        stock_cost = next(row for row in csv.DictReader(f) if row["method"] == "stock")
+    again = _benchmark(work, ["selftrain"], "--reuse")
+    commands = [line.split()[1] for line in again.splitlines() if line.startswith("$ ")]
+    assert commands == ["nnUNetv2_predict"]  # the test set only: stock, pseudo-labels, dataset, training reused
+    assert "selftrain_seed0: reusing the finished training" in again
+    assert {p.name: p.read_text() for p in (work / "selftrain" / "seed0").glob("*.json")} == records
+    with open(work / "report" / "cost.csv") as f:
+        (selftrain,) = list(csv.DictReader(f))
+    assert float(selftrain["pseudo_label_predict_s"]) > 0 and float(selftrain["preprocess_s"]) > 0
+    assert float(selftrain["first_train_wall_min"]) == pytest.approx(float(stock_cost["train_wall_min"]))
+    assert float(selftrain["total_min"]) > float(selftrain["train_wall_min"]) + float(stock_cost["train_wall_min"])

@@ -37,7 +37,7 @@ def test_bench_folder_is_appended_to_what_is_set_and_holds_only_trainers():
 
 
 @pytest.mark.parametrize("name", ["nnUNetTrainer_Bench", "nnUNetTrainerTAK_ShuffledText_Bench",
-                                  "nnUNetTrainerTAK_RandomText_Short"])
+                                  "nnUNetTrainerMeanTeacher_Bench", "nnUNetTrainerTAK_RandomText_Short"])
 def test_nnunet_finds_the_bench_trainers_by_name(nnunet_env, monkeypatch, name):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -50,12 +50,17 @@ def test_nnunet_finds_the_bench_trainers_by_name(nnunet_env, monkeypatch, name):
         recursive_find_trainer_class_by_name(name)
 
 
-def test_shuffled_text_bench_trainer_has_the_shared_schedule_and_keeps_snapshots(nnunet_env, monkeypatch):
+@pytest.mark.parametrize("name, base", [("nnUNetTrainerTAK_ShuffledText_Bench", "nnUNetTrainerTAK_ShuffledText"),
+                                        ("nnUNetTrainerMeanTeacher_Bench", "nnUNetTrainerMeanTeacher")])
+def test_new_bench_trainers_have_the_shared_schedule_and_keep_snapshots(nnunet_env, monkeypatch, name, base):
+    import nnunetv2_tak.trainers
+
     monkeypatch.setenv("TAK_BENCH_EPOCHS", "3")
-    cls = trainers.nnUNetTrainerTAK_ShuffledText_Bench
+    cls = getattr(trainers, name)
+    assert issubclass(cls, getattr(nnunetv2_tak.trainers, base))
     trainer = new_trainer(cls, nnunet_env)
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.initial_lr) == (3, 25, 3e-3)
-    assert keeps_snapshots(cls.__name__) and cls.text_shuffle_seed == 0
+    assert keeps_snapshots(name)
 
 
 class SnapshotTrainer(trainers.nnUNetTrainerTAK_RandomText_Bench):

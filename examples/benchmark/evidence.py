@@ -8,15 +8,12 @@ ground truth is NaN and does not count.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 10_000
 

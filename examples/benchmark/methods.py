@@ -26,13 +26,15 @@ METHODS = {
     "tak_rawtext": ("nnUNetTrainerTAK_RawText_Bench", "few"),  # the CLIP text uncentred (the reference's)
     "tak_unsup_dicece": ("nnUNetTrainerTAK_ConfidentDiceCE_Bench", "few"),  # pseudo-label loss alternative
     "tak_shuffledtext": ("nnUNetTrainerTAK_ShuffledText_Bench", "few"),  # the organs' descriptions permuted
+    "meanteacher": ("nnUNetTrainerMeanTeacher_Bench", "few"),  # EMA teacher and pseudo-labels, no text
     "selftrain": ("nnUNetTrainer_Bench", "selftrain"),  # stock, its pseudo-labels, a second stock training
 }
 REFERENCE_LONG = "nnUNetTrainer_BenchReference"  # the reference with --reference-epochs
 # paired differences reported (a - b), where both methods have results
-COMPARISONS = [("tak", "stock"), ("tak", "selftrain"), ("tak", "tak_notext"), ("tak", "tak_randomtext"),
-               ("tak", "tak_shuffledtext"), ("tak", "tak_rawtext"), ("tak", "tak_nounlabeled"),
-               ("tak", "tak_nocontrastive"), ("tak_rawtext", "stock"), ("tak_unsup_dicece", "tak")]
+COMPARISONS = [("tak", "stock"), ("tak", "selftrain"), ("tak", "meanteacher"), ("tak", "tak_notext"),
+               ("tak", "tak_randomtext"), ("tak", "tak_shuffledtext"), ("tak", "tak_rawtext"),
+               ("tak", "tak_nounlabeled"), ("tak", "tak_nocontrastive"), ("tak_rawtext", "stock"),
+               ("tak_unsup_dicece", "tak")]
 TEXT_FREE = ("tak_notext", "tak_randomtext")  # TAK methods that do not read the prompts' text
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from cohort import DATASET_ID
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from runs import CONFIGURATION, PLANS, Bench, Model, ensure_trained, predict, run, training_stats
 
 PSEUDO_LABELS_RECORD = "pseudo_labels.json"
@@ -130,6 +131,8 @@ def preprocess(source_id: int, target_id: int, target_name: str, split: dict, da
         shutil.rmtree(pre)
     pre.mkdir(parents=True)
     (pre / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")  # what the preprocessor reads
+    source = Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(source_id)
+    shutil.copy(source / "dataset_fingerprint.json", pre)  # the one the plans came from; nnUNetv2_train copies it
     run("nnUNetv2_move_plans_between_datasets", "-s", str(source_id), "-t", str(target_id), "-sp", PLANS, "-tp", PLANS,
         log=logs / f"move_plans_{target_name}.txt")
     run("nnUNetv2_preprocess", "-d", str(target_id), "-plans_name", PLANS, "-c", CONFIGURATION, "-np", "2",

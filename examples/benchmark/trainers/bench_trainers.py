@@ -23,6 +23,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_tak.trainers import (
+    nnUNetTrainerMeanTeacher,
     nnUNetTrainerTAK,
     nnUNetTrainerTAK_ConfidentDiceCE,
     nnUNetTrainerTAK_NoContrastive,
@@ -35,6 +36,7 @@ from nnunetv2_tak.trainers import (
 from nnunetv2_tak.trainers.schedules import CPUSchedule
 
 __all__ = [
+    "nnUNetTrainerMeanTeacher_Bench",
     "nnUNetTrainerTAK_Bench",
     "nnUNetTrainerTAK_ConfidentDiceCE_Bench",
     "nnUNetTrainerTAK_NoContrastive_Bench",
@@ -119,6 +121,11 @@ class nnUNetTrainer_BenchReference(BenchSchedule, nnUNetTrainer):
 
 class nnUNetTrainerTAK_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK):
     pass
+
+
+class nnUNetTrainerMeanTeacher_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerMeanTeacher):
+    """The plain mean teacher (nnU-Net's network, EMA teacher, pseudo-label loss; no text): TAK without its
+    text-prior head and contrastive term."""
 
 
 class nnUNetTrainerTAK_NoText_Bench(TeacherSnapshots, BenchSchedule, nnUNetTrainerTAK_NoText):
