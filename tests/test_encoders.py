@@ -16,6 +16,7 @@ from conftest import make_text_dataset
 
 from nnunetv2_tak.cli.encode_prompts import main as encode_main
 from nnunetv2_tak.text.embeddings import (
+    CACHE_FILENAME,
     DEFAULT_PRETRAINED,
     RANDOM_WEIGHTS,
     TextEmbeddingError,
@@ -24,7 +25,7 @@ from nnunetv2_tak.text.embeddings import (
     model_schema,
     normalize_model_name,
 )
-from nnunetv2_tak.text.source import dataset_prompts
+from nnunetv2_tak.text.source import dataset_prompts, dataset_text_embeddings
 
 LABELS = {"background": 0, "liver": 1, "Kidney (R)": 2, "arota": 3}
 DATASET = "Dataset778_EncoderTest"
@@ -170,3 +171,20 @@ def test_hf_hub_model_from_the_offline_hub_cache(dataset, tmp_path):
     assert (p["model"], p["pretrained"], p["hf_hub_revision"]) == ("hf-hub:tak-test/tiny-clip", None, revision)
     prompts = dataset_prompts(dataset_json, DATASET, pre)
     torch.testing.assert_close(cache.tensor, expected_embeddings(model, prompts), rtol=1e-4, atol=1e-5)
+
+
+def test_cache_that_no_longer_fits_is_reported_through_the_given_log(dataset, tmp_path):
+    pre, dataset_json = dataset
+    cached, requested = tmp_path / "cached_model", tmp_path / "requested_model"
+    write_tiny_open_clip_model(cached, seed=1)
+    write_tiny_open_clip_model(requested, seed=2)
+    assert encode_main(["-d", "778", "--model", f"local-dir:{cached}"]) == 0
+    lines: list[str] = []
+    dataset_text_embeddings(dataset_json, DATASET, pre, model_name=f"local-dir:{requested}", log=lines.append)
+    cache = pre / CACHE_FILENAME
+    assert lines[0] == (f"WARNING: text embedding cache {cache} does not fit (model local-dir:{cached.resolve()} in "
+                        f"the cache, local-dir:{requested} requested): encoding for this run only; update the cache "
+                        "with nnUNetv2_tak_encode_prompts -d Dataset778_EncoderTest --force")
+    assert lines[1].startswith(f"encoded text embeddings for this run (the cache {cache} is left as it is): open_clip "
+                               f"local-dir:{requested.resolve()}")
+    assert len(lines) == 2 and load_cache(pre).provenance["model"] == f"local-dir:{cached.resolve()}"

@@ -4,6 +4,7 @@ imported embedding files and the errors when no text source is available."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,89 @@ def test_changed_local_checkpoint_makes_the_cache_stale(dataset, tmp_path):
     assert cache_mismatch(cache, list(LABELS), None) is None
     weights.write_bytes(b"version 2")
     assert "changed since the cache was encoded" in cache_mismatch(cache, list(LABELS), None)
+
+
+def _unsafe_advice(message: str) -> bool:
+    return any(word in message for word in ("weights_only", "allow_pickle", "unsafe", "trust"))
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", r"is empty \(0 bytes\)"),
+    (b"\x07" + bytes(range(200)), r"is neither a torch.save archive nor a .npy array \(it starts with the bytes "),
+    ("half.pt", r"is a truncated torch.save archive \(\d+ bytes, its zip directory at the end is missing"),
+    ("half.npy", r"is truncated: its header announces a float32 array of shape \[4, 2, 8\] \(\d+ bytes with the "
+                 r"header\), the file holds \d+"),
+    ("object.pt", r"holds Python objects other than tensors, dicts, lists and numbers, which are not read"),
+    ("object.npy", r"holds a numpy array of Python objects \(dtype object\), not numbers"),
+])
+def test_unreadable_embedding_file_is_named_with_its_reason_and_no_unsafe_advice(dataset, tmp_path, content, reason,
+                                                                                capsys):
+    import numpy as np
+
+    path = tmp_path / (content if isinstance(content, str) else "embeddings.pt")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content.startswith("half"):
+        whole = tmp_path / f"whole{path.suffix}"
+        if path.suffix == ".npy":
+            np.save(whole, np.zeros((4, 2, 8), np.float32))
+        else:
+            torch.save(torch.zeros(4, 2, 8), whole)
+        path.write_bytes(whole.read_bytes()[:whole.stat().st_size - 20])
+    elif path.suffix == ".pt":
+        torch.save({"embeddings": torch.zeros(4, 2, 8), "extra": _NotATensor()}, path)
+    else:
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TextEmbeddingError, match=rf"^embedding file {path} {reason}") as info:
+        load_embedding_file(path, list(LABELS))
+    assert not _unsafe_advice(str(info.value)) and info.value.__cause__ is None
+    assert encode_main(["-d", "777", "--embeddings", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and not _unsafe_advice(err)
+    assert not (dataset[1] / CACHE_FILENAME).exists()
+
+
+def test_damaged_cache_is_named_and_a_failed_write_keeps_the_previous_cache(dataset, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import nnunetv2_tak.text.embeddings as embeddings
+
+    _, pre, dataset_json = dataset
+    first = torch.randn(4, 2, 8)
+    torch.save(first, tmp_path / "first.pt")
+    assert encode_main(["-d", "777", "--embeddings", str(tmp_path / "first.pt")]) == 0
+    before = {p.name: p.read_bytes() for p in pre.iterdir()}
+
+    def save_halfway(obj, target):  # writes part of the file, then the disk is full
+        Path(target).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    torch.save(torch.randn(4, 2, 8), tmp_path / "second.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(embeddings.torch, "save", save_halfway)
+        with pytest.raises(TextEmbeddingError, match=rf"could not write the text embedding cache {pre / CACHE_FILENAME}"
+                                                     r" \(OSError: \[Errno 28\] No space left on device"):
+            embeddings.save_cache(pre, load_embedding_file(tmp_path / "second.pt", list(LABELS)))
+    assert {p.name: p.read_bytes() for p in pre.iterdir()} == before  # the previous cache, no temporary left
+    torch.testing.assert_close(load_cache(pre).tensor, first)
+
+    cache = pre / CACHE_FILENAME
+    cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])
+    with pytest.raises(TextEmbeddingError, match=rf"^text embedding cache {cache} is a truncated torch.save archive "
+                                                 r".*; delete it and run nnUNetv2_tak_encode_prompts again"):
+        dataset_text_embeddings(dataset_json, DATASET, pre)
+
+
+def test_text_source_is_reported_through_the_given_log(dataset, tmp_path):
+    _, pre, dataset_json = dataset
+    torch.save(torch.randn(4, 2, 8), tmp_path / "e.pt")
+    assert encode_main(["-d", "777", "--embeddings", str(tmp_path / "e.pt")]) == 0
+    lines: list[str] = []
+    dataset_text_embeddings(dataset_json, DATASET, pre, log=lines.append)
+    assert lines == [f"using cached text embeddings: embedding file {tmp_path / 'e.pt'}, shape [4, 2, 8], classes "
+                     f"{list(LABELS)}"]

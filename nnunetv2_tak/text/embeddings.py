@@ -8,17 +8,19 @@ prompt hash and class order. Nothing here ever substitutes random text for missi
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nnunetv2_tak.fileio import atomic_write, atomic_write_text
+from nnunetv2_tak.fileio import atomic_write, atomic_write_text, file_sha256
 from nnunetv2_tak.text.prompts import ResolvedPrompts
 
 logger = logging.getLogger(__name__)
@@ -232,9 +234,69 @@ def _with_dataset_info(provenance: dict, class_names: Sequence[str], kinds: Sequ
     return provenance
 
 
+NPY_MAGIC = b"\x93NUMPY"  # numpy.save
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save (a zip archive since torch 1.6)
+PICKLE_MAGIC = b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False): a pickle
+
+
+def read_tensor_file(path: str | os.PathLike, what: str, fix: str) -> object:
+    """What a ``torch.save`` file or a ``.npy`` array holds, read without running code from the file (tensors,
+    dicts, lists and numbers only). Anything else raises TextEmbeddingError "``what`` ``path`` <what is wrong>;
+    ``fix``": an empty or truncated file says so, and a reader's advice to load the file unsafely is never passed
+    on."""
+    path = Path(path)
+
+    def fail(reason: str) -> TextEmbeddingError:
+        return TextEmbeddingError(f"{what} {path} {reason}; {fix}")
+
+    size = path.stat().st_size
+    if size == 0:
+        raise fail("is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(NPY_MAGIC):
+        return torch.from_numpy(_read_npy(path, size, fail))
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise fail(f"is neither a torch.save archive nor a .npy array (it starts with the bytes {head!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if head.startswith(ZIP_MAGIC) and zipfile.is_zipfile(path):
+            raise fail("holds Python objects other than tensors, dicts, lists and numbers, which are not read from "
+                       "a file (reading them could run code from it)") from None
+        raise fail(f"is not a readable torch.save file ({size} bytes): cut short, damaged, or holding Python "
+                   "objects other than tensors") from None
+    except Exception as exc:  # torch raises RuntimeError (zip reader), EOFError, ... for damaged files
+        if head.startswith(ZIP_MAGIC) and not zipfile.is_zipfile(path):
+            raise fail(f"is a truncated torch.save archive ({size} bytes, its zip directory at the end is missing: "
+                       "cut short by a copy or a full disk?)") from None
+        raise fail(f"is a damaged torch.save file ({type(exc).__name__} while reading it)") from None
+
+
+def _read_npy(path: Path, size: int, fail: Callable[[str], TextEmbeddingError]):
+    import numpy as np
+
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError:
+            raise fail("has a damaged .npy header") from None
+        if dtype.hasobject:
+            raise fail("holds a numpy array of Python objects (dtype object), not numbers, which is not read from a "
+                       "file (reading it could run code from it)")
+        expected = f.tell() + math.prod(shape) * dtype.itemsize
+    if size < expected:
+        raise fail(f"is truncated: its header announces a {dtype} array of shape {list(shape)} ({expected} bytes "
+                   f"with the header), the file holds {size}")
+    return np.load(path, allow_pickle=False)
+
+
 def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
                         kinds: Sequence[str] = ("shape", "location")) -> TextEmbeddings:
-    """Read a precomputed tensor file (.pt/.pth saved with torch.save, or .npy).
+    """Read a precomputed tensor file (saved with torch.save, or numpy.save's .npy; told apart by content).
 
     Accepted: [C, K, D], or [K*C, D] with the kinds stacked (rows 0..C-1 = kind 0, ...), or a dict
     with key 'embeddings'. C is the dataset's number of classes (background included), K = len(kinds).
@@ -242,16 +304,8 @@ def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
     path = Path(path)
     if not path.is_file():
         raise TextEmbeddingError(f"embedding file {path} does not exist")
-    try:
-        if path.suffix == ".npy":
-            import numpy as np
-
-            obj = torch.from_numpy(np.load(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TextEmbeddingError(f"embedding file {path} cannot be read ({e}); save it with torch.save or "
-                                 "numpy.save") from e
+    obj = read_tensor_file(path, "embedding file", "save the embeddings with torch.save(tensor, FILE) or "
+                                                    "numpy.save(FILE, array)")
     if isinstance(obj, Mapping):
         if "embeddings" not in obj:
             raise TextEmbeddingError(f"embedding file {path} holds a dict without an 'embeddings' entry")
@@ -268,7 +322,7 @@ def load_embedding_file(path: str | os.PathLike, class_names: Sequence[str],
         raise TextEmbeddingError(f"embedding file {path} has shape {list(tensor.shape)}; {expected}")
     if not torch.isfinite(tensor).all():
         raise TextEmbeddingError(f"embedding file {path} contains NaN or infinite values")
-    provenance = {"source": "file", "file": str(path.resolve()), "file_sha256": _sha256(path)}
+    provenance = {"source": "file", "file": str(path.resolve()), "file_sha256": file_sha256(path)}
     return TextEmbeddings(tensor.contiguous(), _with_dataset_info(provenance, class_names, kinds, None))
 
 
@@ -282,14 +336,6 @@ def random_text_embeddings(class_names: Sequence[str], num_kinds: int = 2, embed
                                                      [f"kind{i}" for i in range(num_kinds)], None))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_cache(folder: str | os.PathLike, embeddings: TextEmbeddings) -> Path:
     """Write E and its provenance to ``folder/tak_text_embeddings.pt`` (+ a readable .json)."""
     folder = Path(folder)
@@ -297,10 +343,15 @@ def save_cache(folder: str | os.PathLike, embeddings: TextEmbeddings) -> Path:
     target = folder / CACHE_FILENAME
     # a unique temporary file (folds started in parallel never write the same one), moved into place with
     # nnU-Net's file mode (0o666 & ~umask): other users of a shared nnUNet_preprocessed can read it
-    atomic_write(target, lambda tmp: torch.save({"embeddings": embeddings.tensor,
-                                                 "provenance": embeddings.provenance}, tmp))
-    atomic_write_text(target.with_suffix(".json"), json.dumps(
-        {**embeddings.provenance, "shape": list(embeddings.shape)}, indent=2))
+    try:
+        atomic_write(target, lambda tmp: torch.save({"embeddings": embeddings.tensor,
+                                                     "provenance": embeddings.provenance}, tmp))
+        atomic_write_text(target.with_suffix(".json"), json.dumps(
+            {**embeddings.provenance, "shape": list(embeddings.shape)}, indent=2))
+    except OSError as exc:  # e.g. a full disk: the previous cache is as it was
+        raise TextEmbeddingError(f"could not write the text embedding cache {target} ({type(exc).__name__}: {exc}); "
+                                 "the previous cache, if any, is kept. Free space (or fix the folder's permissions) "
+                                 "and run again.") from exc
     return target
 
 
@@ -308,12 +359,13 @@ def load_cache(folder: str | os.PathLike) -> TextEmbeddings | None:
     path = Path(folder) / CACHE_FILENAME
     if not path.is_file():
         return None
+    fix = "delete it and run nnUNetv2_tak_encode_prompts again"
+    obj = read_tensor_file(path, "text embedding cache", fix)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
         return TextEmbeddings(obj["embeddings"].float(), dict(obj["provenance"]))
-    except Exception as e:
-        raise TextEmbeddingError(f"text embedding cache {path} cannot be read ({e}); delete it and run "
-                                 "nnUNetv2_tak_encode_prompts again") from e
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise TextEmbeddingError(f"text embedding cache {path} does not hold embeddings and their provenance "
+                                 f"({type(e).__name__}: {e}); {fix}") from e
 
 
 def cache_mismatch(cached: TextEmbeddings, class_names: Sequence[str], prompts: ResolvedPrompts | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nnunetv2_tak.text.embeddings import (
@@ -52,6 +52,7 @@ def dataset_text_embeddings(
     preprocessed_folder: str | os.PathLike,
     model_name: str | None = None,
     pretrained: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TextEmbeddings:
     """E [C, K, D] for training.
 
@@ -60,8 +61,10 @@ def dataset_text_embeddings(
     (``model_name``/``pretrained`` or the defaults) and writes the cache. A cache that does not fit is
     never overwritten here (other runs may use it): the prompts are encoded for this run only and the
     log says how to update the cache. If no embeddings can be had, raises TextEmbeddingError saying
-    how to provide them.
+    how to provide them. What is used, and why a cache is not, is reported through ``log`` (e.g. a trainer's
+    ``print_to_log_file``; default: this module's logger), warnings prefixed with ``WARNING:``.
     """
+    info, warning = (log, lambda message: log(f"WARNING: {message}")) if log else (logger.info, logger.warning)
     class_names = dataset_class_names(dataset_json)
     cached = load_cache(preprocessed_folder)
     cache_path = Path(preprocessed_folder) / CACHE_FILENAME
@@ -71,21 +74,21 @@ def dataset_text_embeddings(
             prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
         except PromptError as e:
             if cache_mismatch(cached, class_names, None, model_name, pretrained) is None:
-                logger.warning("prompts cannot be resolved here (%s); using the cache %s as it is", e, cache_path)
+                warning(f"prompts cannot be resolved here ({e}); using the cache {cache_path} as it is")
                 return cached
             raise
     if cached is not None:
         reason = cache_mismatch(cached, class_names, prompts, model_name, pretrained)
         if reason is None:
-            logger.info("using cached text embeddings: %s", cached.describe())
+            info(f"using cached text embeddings: {cached.describe()}")
             return cached
         if cached.provenance.get("source") == "file":
             raise TextEmbeddingError(f"text embedding cache {cache_path} does not fit: {reason}.\n"
                                      + how_to_provide(dataset_name))
         model_name = model_name or cached.provenance.get("model")
         pretrained = pretrained or cached.provenance.get("pretrained")
-        logger.warning("text embedding cache %s does not fit (%s): encoding for this run only; update the cache "
-                       "with nnUNetv2_tak_encode_prompts -d %s --force", cache_path, reason, dataset_name)
+        warning(f"text embedding cache {cache_path} does not fit ({reason}): encoding for this run only; update the "
+                f"cache with nnUNetv2_tak_encode_prompts -d {dataset_name} --force")
     if prompts is None:
         prompts = dataset_prompts(dataset_json, dataset_name, preprocessed_folder)
     try:
@@ -95,5 +98,8 @@ def dataset_text_embeddings(
             f"no usable text embeddings for {dataset_name}: {e}\n{how_to_provide(dataset_name)}") from e
     if cached is None:
         save_cache(preprocessed_folder, embeddings)
-        logger.info("encoded and cached text embeddings: %s", embeddings.describe())
+        info(f"encoded and cached text embeddings: {embeddings.describe()}")
+    else:
+        info(f"encoded text embeddings for this run (the cache {cache_path} is left as it is): "
+             f"{embeddings.describe()}")
     return embeddings
