@@ -251,7 +251,7 @@ def test_written_files_follow_the_umask_like_nnunet_files(prepared_dataset, tmp_
 def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
     """A requeued array task usually lands on another node: its own earlier lock (same SLURM_JOB_ID, another
     SLURM_RESTART_COUNT) is stale; a lock of another job on another host is not."""
-    from nnunetv2_tak.unlabeled import acquire_shard_lock, part_file
+    from nnunetv2_tak.unlabeled.shards import acquire_shard_lock, part_file
 
     lock = part_file(tmp_path, 1, 3, "lock")
     earlier = {"pid": 1, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",

@@ -7,7 +7,8 @@ preprocessed image, as nnU-Net stores it), ``<case>.pkl`` (properties) and the m
 case was made from which source file with which plans: ``tak_unlabeled.json`` (runs without shards) and
 ``tak_unlabeled.shard-I-of-N.json`` (one part per shard of a sharded run; readers merge them), plus
 ``tak_unlabeled.shard-I-of-N.lock`` while shard I runs. Every file is written to a temporary name and moved
-into place, with nnU-Net's file mode (0o666 & ~umask).
+into place, with nnU-Net's file mode (0o666 & ~umask). Each finished case is recorded with the size and sha256 of
+its files; preprocessing and training check the files against that record before they are used.
 """
 
 from nnunetv2_tak.unlabeled.dataset import ImageOnlyDataset
@@ -20,12 +21,15 @@ from nnunetv2_tak.unlabeled.files import (
     plans_fingerprint,
     unlabeled_folder,
 )
-from nnunetv2_tak.unlabeled.preprocess import preprocess_unlabeled, preprocessed_unlabeled_cases
+from nnunetv2_tak.unlabeled.integrity import CHECKSUM, SIZE
+from nnunetv2_tak.unlabeled.preprocess import check_unlabeled, preprocess_unlabeled, preprocessed_unlabeled_cases
 from nnunetv2_tak.unlabeled.shards import check_shard_arguments, shard_cases, shard_of
 from nnunetv2_tak.unlabeled.splits import SPLIT_KEY, SplitError, few_label_split, shard_for_rank, split_unlabeled_cases
 
 __all__ = [
+    "CHECKSUM",
     "MANIFEST",
+    "SIZE",
     "SPLIT_KEY",
     "UNLABELED_DIR",
     "ImageOnlyDataset",
@@ -33,6 +37,7 @@ __all__ = [
     "UnlabeledDataError",
     "check_image_file",
     "check_shard_arguments",
+    "check_unlabeled",
     "few_label_split",
     "find_unlabeled_images",
     "plans_fingerprint",

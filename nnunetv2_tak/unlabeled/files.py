@@ -15,6 +15,9 @@ import struct
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from nnunetv2_tak.fileio import atomic_write_text
 
@@ -22,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 UNLABELED_DIR = "imagesUnlabeled"
 MANIFEST = "tak_unlabeled.json"
-MANIFEST_FORMAT = "nnunetv2_tak.unlabeled/1"
+# /2: every case entry records its files ({"files": {name: {"size", "sha256"}}}); /1 entries (no records) are still
+# read: checked by what needs no record, and recorded on the next preprocessing run
+MANIFEST_FORMAT = "nnunetv2_tak.unlabeled/2"
+READABLE_MANIFEST_FORMATS = ("nnunetv2_tak.unlabeled/1", MANIFEST_FORMAT)
 SPLIT_KEY = "unlabeled"  # extra key of a splits_final.json entry (nnU-Net ignores it)
 
 
@@ -95,19 +101,30 @@ def write_json_atomic(path: Path, content: dict) -> None:
 
 
 # --- checks of the raw files --------------------------------------------------------------------
-def _nifti_header(raw: bytes) -> tuple[list[int], int, float, bool]:
-    """(sizes of dims 1..dim[0], bitpix, vox_offset, data in this file) of a NIfTI-1/2 header; ValueError if
-    ``raw`` does not start with one."""
+class _NiftiHeader(NamedTuple):
+    sizes: list[int]  # dims 1..dim[0]
+    bitpix: int
+    vox_offset: float
+    single_file: bool  # the voxels follow the header in this file
+    voxel_dtype: np.dtype | None  # for floating-point data types (which can hold NaN); None otherwise
+
+
+# NIfTI datatype codes of floating-point voxels: FLOAT32, FLOAT64, COMPLEX64, COMPLEX128
+_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+
+
+def _nifti_header(raw: bytes) -> _NiftiHeader:
+    """The fields of a NIfTI-1/2 header this module checks; ValueError if ``raw`` does not start with one."""
     for endian in "<>":
         size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
         if size == 348 and len(raw) >= 348:
             dim = struct.unpack(endian + "8h", raw[40:56])
-            bitpix = struct.unpack(endian + "h", raw[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
             vox_offset = struct.unpack(endian + "f", raw[108:112])[0]
             single_file = raw[344:348] == b"n+1\x00"
             break
         if size == 540 and len(raw) >= 540:
-            bitpix = struct.unpack(endian + "h", raw[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
             dim = struct.unpack(endian + "8q", raw[16:80])
             vox_offset = float(struct.unpack(endian + "q", raw[168:176])[0])
             single_file = raw[4:8] == b"n+2\x00"
@@ -116,30 +133,74 @@ def _nifti_header(raw: bytes) -> tuple[list[int], int, float, bool]:
         raise ValueError(f"no NIfTI-1/2 header (the file starts with {len(raw)} bytes and no valid sizeof_hdr)")
     if not 1 <= dim[0] <= 7 or any(d < 1 for d in dim[1:dim[0] + 1]) or bitpix <= 0:
         raise ValueError(f"invalid NIfTI header: dim {list(dim)}, bitpix {bitpix}")
-    return list(dim[1:dim[0] + 1]), bitpix, vox_offset, single_file
+    voxel_dtype = np.dtype(endian + _FLOAT_TYPES[datatype]) if datatype in _FLOAT_TYPES else None
+    return _NiftiHeader(list(dim[1:dim[0] + 1]), bitpix, vox_offset, single_file, voxel_dtype)
+
+
+class _NonFiniteCounter:
+    """Counts NaN and infinite voxels in the byte stream of a NIfTI file, fed piece by piece."""
+
+    def __init__(self, dtype: np.dtype, start: int, count: int):
+        self.dtype, self.start, self.remaining = dtype, start, count
+        self.position, self.pending = 0, b""
+        self.nan = self.infinite = 0
+
+    def feed(self, piece: bytes) -> None:
+        begin = self.position
+        self.position += len(piece)
+        if self.position <= self.start or self.remaining <= 0:
+            return
+        buffer = self.pending + piece[max(0, self.start - begin):]
+        usable = min(len(buffer) // self.dtype.itemsize, self.remaining)
+        values = np.frombuffer(buffer, self.dtype, count=usable)
+        self.pending = buffer[usable * self.dtype.itemsize:]
+        self.remaining -= usable
+        finite = np.isfinite(values)
+        if not finite.all():
+            nan = int(np.count_nonzero(np.isnan(values)))
+            self.nan += nan
+            self.infinite += usable - int(np.count_nonzero(finite)) - nan
+
+
+def non_finite_problem(path: str | os.PathLike, nan: int, infinite: int, total: int) -> str | None:
+    """'<file>: N of M voxels are not finite (...)' when there are any; None otherwise."""
+    bad = nan + infinite
+    if not bad:
+        return None
+    return f"{path}: {'all' if bad == total else f'{bad} of'} {total} voxels are not finite ({nan} NaN, {infinite} " \
+           "infinite)"
+
+
+def non_finite_error(case: str, problems: Iterable[str]) -> UnlabeledDataError:
+    return UnlabeledDataError(
+        f"unlabeled case {case!r} has non-finite voxels: {'; '.join(problems)}. nnU-Net refuses images with NaN "
+        "voxels for training cases (nnUNetv2_plan_and_preprocess --verify_dataset_integrity); replace them with a "
+        "value that makes sense for the image (e.g. its background intensity), or remove the case.")
 
 
 def check_image_file(path: str | os.PathLike, dataset_json: Mapping) -> None:
     """Checks a NIfTI file (``.nii.gz``/``.nii``; other formats pass) before it is preprocessed: one 3D image (no
-    channels or time points stacked in a 4th dimension), a gzip stream that ends properly, and at least the
-    bytes its header announces (vox_offset + prod(dim) * bitpix / 8). SimpleITK reads a cut file without error
-    and fills the rest with zeros. Raises UnlabeledDataError naming the file."""
+    channels or time points stacked in a 4th dimension), a gzip stream that ends properly, at least the
+    bytes its header announces (vox_offset + prod(dim) * bitpix / 8), and no NaN or infinite voxel. SimpleITK reads
+    a cut file without error and fills the rest with zeros, and reads NaN and infinite voxels of a NIfTI file as 0.
+    Raises UnlabeledDataError naming the file."""
     path = Path(path)
     name = path.name.lower()
     if not name.endswith((".nii.gz", ".nii")):
         return
     channels = dataset_json["channel_names"]
+    case = path.name[:-len(dataset_json["file_ending"]) - 5]
     try:
         with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
             head = f.read(540)
             try:
-                sizes, bitpix, vox_offset, single_file = _nifti_header(head)
+                header = _nifti_header(head)
             except ValueError as exc:
                 raise UnlabeledDataError(f"unlabeled image {path} is not a readable NIfTI image: {exc}. "
                                          "Re-export it, or remove the case.") from None
+            sizes = header.sizes
             extra = math.prod(sizes[3:])
             if extra > 1:
-                case = path.name[:-len(dataset_json["file_ending"]) - 5]
                 ending = dataset_json["file_ending"]
                 raise UnlabeledDataError(
                     f"unlabeled image {path} has {len(sizes)} dimensions ({' x '.join(map(str, sizes))}): {extra} "
@@ -147,18 +208,25 @@ def check_image_file(path: str | os.PathLike, dataset_json: Mapping) -> None:
                     f"{ending}, {case}_0001{ending}, ...) and this dataset has {len(channels)} channel(s) "
                     f"{dict(channels)}. Split the file into one file per channel (and list every channel in "
                     "dataset.json's channel_names), or remove the case.")
-            total = len(head)
-            while chunk := f.read(1 << 22):
-                total += len(chunk)
+            counter = _NonFiniteCounter(header.voxel_dtype, int(header.vox_offset), math.prod(sizes)) \
+                if header.voxel_dtype is not None and header.single_file else None
+            total = 0
+            piece = head
+            while piece:
+                total += len(piece)
+                if counter is not None:
+                    counter.feed(piece)
+                piece = f.read(1 << 22)
     except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise UnlabeledDataError(
             f"unlabeled image {path} is truncated or corrupt ({type(exc).__name__}: {exc}): the compressed stream "
             "does not end properly (an interrupted copy or download?). Copy it again, or remove the case.") from None
-    expected = int(vox_offset) + math.prod(sizes) * bitpix // 8 if single_file else 0
+    expected = int(header.vox_offset) + math.prod(sizes) * header.bitpix // 8 if header.single_file else 0
     if total < expected:
         raise UnlabeledDataError(
             f"unlabeled image {path} is truncated: its header announces {' x '.join(map(str, sizes))} voxels of "
-            f"{bitpix} bits after a {int(vox_offset)}-byte header ({expected} bytes), the file holds {total}"
-            f"{' once decompressed' if name.endswith('.gz') else ''}. Copy it again, or remove the case.")
-
-
+            f"{header.bitpix} bits after a {int(header.vox_offset)}-byte header ({expected} bytes), the file holds "
+            f"{total}{' once decompressed' if name.endswith('.gz') else ''}. Copy it again, or remove the case.")
+    problem = counter and non_finite_problem(path, counter.nan, counter.infinite, math.prod(sizes))
+    if problem:
+        raise non_finite_error(case, [problem])

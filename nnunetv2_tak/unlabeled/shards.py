@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from nnunetv2_tak.unlabeled.files import MANIFEST, MANIFEST_FORMAT, UnlabeledDataError
+from nnunetv2_tak.unlabeled.files import MANIFEST, READABLE_MANIFEST_FORMATS, UnlabeledDataError
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +185,9 @@ def _read_manifests_once(folder: Path) -> dict[Path, dict] | None:
         except (OSError, ValueError) as exc:
             raise UnlabeledDataError(f"{path} cannot be read ({exc}); delete it and run nnUNetv2_tak_preprocess_"
                                      "unlabeled again (only cases without a record are redone)") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise UnlabeledDataError(f"{path} is not an nnunetv2_tak unlabeled manifest ({MANIFEST_FORMAT}); "
-                                     f"move the folder {folder} away.")
+        if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_MANIFEST_FORMATS:
+            raise UnlabeledDataError(f"{path} is not an nnunetv2_tak unlabeled manifest (format "
+                                     f"{' or '.join(READABLE_MANIFEST_FORMATS)}); move the folder {folder} away.")
         manifests[path] = manifest
     return manifests
 

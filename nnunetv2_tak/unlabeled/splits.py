@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_tak.fileio import atomic_write_text
 from nnunetv2_tak.unlabeled.files import UnlabeledDataError
 
 SPLIT_KEY = "unlabeled"  # extra key of a splits_final.json entry (nnU-Net ignores it)
@@ -69,9 +71,8 @@ def write_splits(preprocessed_dataset_folder: str | os.PathLike, splits: list[di
         backup, n = path.with_name(f"splits_final.json.bak-{stamp}"), 1
         while backup.exists():
             backup, n = path.with_name(f"splits_final.json.bak-{stamp}-{n}"), n + 1
-        path.rename(backup)
-    path.write_text(json.dumps(splits, indent=1))
-    return path
+        shutil.copy2(path, backup)  # a copy: the split stays in place until the new one replaces it
+    return atomic_write_text(path, json.dumps(splits, indent=1))
 
 
 def split_unlabeled_cases(splits_file: str | os.PathLike, fold: int | str) -> list[str]:
