@@ -3,6 +3,8 @@ entropy threshold and per-class pseudo-label share; progress.png gets panels for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
@@ -19,10 +21,16 @@ TAK_KEYS = (
 
 
 class TAKLocalLogger(LocalLogger):
-    """nnU-Net's LocalLogger (one value per key and epoch) with the TAK keys and a taller progress.png."""
+    """nnU-Net's LocalLogger (one value per key and epoch) with the TAK keys and a taller progress.png.
 
-    def __init__(self, verbose: bool = False):
+    ``class_names``: the dataset's label names in label-value order (background first), which name the curves of
+    the pseudo-label panel; may also be set later as the attribute of that name. Without them the curves are
+    "class 0", "class 1", ...
+    """
+
+    def __init__(self, verbose: bool = False, class_names: Sequence[str] | None = None):
         super().__init__(verbose)
+        self.class_names = list(class_names) if class_names is not None else None
         for key in TAK_KEYS:
             self.my_fantastic_logging[key] = []
 
@@ -85,8 +93,9 @@ class TAKLocalLogger(LocalLogger):
         if width:
             table = np.array([s if s is not None and np.ndim(s) == 1 and len(s) == width else [np.nan] * width
                               for s in shares], dtype=float)
+            labels = self.curve_labels(width)
             for c in range(width):
-                ax.plot(x, np.clip(table[:, c], 1e-6, None), label=f"class {c}", linewidth=3)
+                ax.plot(x, np.clip(table[:, c], 1e-6, None), label=labels[c], linewidth=3)
             ax.set_yscale("log")
             ax.legend(loc=(0, 1), ncol=min(width, 8), fontsize="small")
         ax.set(xlabel="epoch", ylabel="share of confident pseudo-labels")
@@ -105,3 +114,13 @@ class TAKLocalLogger(LocalLogger):
         plt.tight_layout()
         fig.savefig(join(output_folder, "progress.png"))
         plt.close(fig)
+
+    def curve_labels(self, width: int) -> list[str]:
+        """Legend entries of the ``width`` classes of the pseudo-label panel."""
+        if self.class_names is None:
+            return [f"class {c}" for c in range(width)]
+        if len(self.class_names) != width:
+            raise ValueError(f"TAKLocalLogger.class_names has {len(self.class_names)} names {self.class_names}, but "
+                             f"the logged pseudo-label shares have {width} classes; pass the dataset's label names "
+                             "in label-value order, background included")
+        return list(self.class_names)
