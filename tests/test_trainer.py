@@ -52,6 +52,22 @@ def test_random_weight_encoder_is_refused_unless_allowed(without_cache):
     assert "RANDOM encoder weights" in Path(trainer.log_file).read_text()
 
 
+class OtherEncoderTrainer(nnUNetTrainerTAK_Debug):
+    text_model = "RN50"  # not the cache's ViT-B-32: the cache does not fit this run
+
+
+def test_text_source_and_a_cache_that_no_longer_fits_are_in_the_training_log(without_cache):
+    """What a user looks for after the run is in training_log_*.txt, not only on stdout."""
+    from nnunetv2_tak.cli.encode_prompts import main as encode_main
+
+    assert encode_main(["-d", "501", "--pretrained", "random-init"]) == 0
+    trainer = new_trainer(OtherEncoderTrainer, without_cache)
+    trainer.initialize()
+    text = Path(trainer.log_file).read_text()
+    assert "WARNING: text embedding cache" in text and "does not fit" in text and "--force" in text
+    assert "TAK text source: open_clip RN50" in text
+
+
 class MissingWeightsTrainer(nnUNetTrainerTAK_Debug):
     text_pretrained = "/nonexistent/open_clip_model.bin"
 

@@ -138,7 +138,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
                              ("initial_learning_rate", "initial_lr")):
             if getattr(self, knob) is not None:
                 setattr(self, target, getattr(self, knob))
-        self.logger.local_logger = TAKLocalLogger(self.logger.local_logger.verbose)
+        self.logger.local_logger = TAKLocalLogger(self.logger.local_logger.verbose, class_names=self.class_names)
         self.teacher: EMATeacher | None = None
         self.unsup_criterion: torch.nn.Module | None = None
         self.dataloader_unlabeled = None
@@ -250,7 +250,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
                 log=self.print_to_log_file))
         else:  # nnUNet_raw not available here (e.g. only nnUNet_preprocessed copied to a cluster)
             found = preprocessed_unlabeled_cases(self.preprocessed_dataset_folder_base, self.plans_manager.plans,
-                                                 self.configuration_name, self.dataset_json)
+                                                 self.configuration_name, self.dataset_json, log=self.print_to_log_file)
             if found is not None:
                 self.print_to_log_file(f"TAK: nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_DIR} not found; "
                                        f"using the preprocessed unlabeled cases in {found[0]}")

@@ -119,7 +119,7 @@ class nnUNetTrainerTAK(nnUNetTrainerMeanTeacher):
                              f"not {self.text_source!r}")
         embeddings = dataset_text_embeddings(self.dataset_json, self.plans_manager.dataset_name,
                                              self.preprocessed_dataset_folder_base, self.text_model,
-                                             self.text_pretrained)
+                                             self.text_pretrained, log=self.print_to_log_file)
         if embeddings.provenance.get("pretrained") == RANDOM_WEIGHTS and not self.allow_random_text_encoder:
             raise TextEmbeddingError(
                 f"the text embeddings of {self.plans_manager.dataset_name} were encoded with RANDOM open_clip weights "
