@@ -75,7 +75,7 @@ class ResumeMeanTeacherOtherWeight(ResumeMeanTeacher):
     unsup_weight = 0.3
 
 
-def test_mean_teacher_resumes_its_teacher_and_refuses_other_settings(nnunet_env):
+def test_mean_teacher_resumes_its_teacher_and_refuses_other_settings(nnunet_env, monkeypatch):
     first = new_trainer(ResumeMeanTeacher, nnunet_env)
     first.run_training()
     final = Path(first.output_folder) / "checkpoint_final.pth"
@@ -83,6 +83,23 @@ def test_mean_teacher_resumes_its_teacher_and_refuses_other_settings(nnunet_env)
     resume_and_compare_teachers(first, nnunet_env)
     with pytest.raises(SSLSettingsError, match=r"unsup_weight: checkpoint 0.1, now 0.3"):
         new_trainer(ResumeMeanTeacherOtherWeight, nnunet_env).load_checkpoint(str(final))
+
+    # a checkpoint write that fails halfway (disk full) leaves the previous checkpoint intact and no stray file
+    before, files = final.read_bytes(), sorted(p.name for p in final.parent.iterdir())
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            first.save_checkpoint(str(final))
+    assert final.read_bytes() == before
+    assert sorted(p.name for p in final.parent.iterdir()) == files
+    new_trainer(ResumeMeanTeacher, nnunet_env).load_checkpoint(str(final))
 
 
 def test_tak_is_the_mean_teacher_plus_text_and_contrast():
