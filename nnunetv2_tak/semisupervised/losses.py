@@ -98,6 +98,43 @@ def anchor_contrastive_loss(features: torch.Tensor, classes: torch.Tensor, tempe
         return total / n
 
 
+_POINTWISE_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    """An activation, or a 1x1 convolution that maps each voxel's channels alone (stride 1, no padding,
+    no groups)."""
+    if isinstance(module, _POINTWISE_ACTIVATIONS):
+        return True
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1
+            and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+            and not isinstance(module.padding, str) and all(p == 0 for p in module.padding))
+
+
+def split_pointwise_tail(head: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """``head`` as (the part that needs the whole map, its trailing pointwise layers): for the reference
+    projection head conv 1x1 -> InstanceNorm -> ReLU -> conv 1x1 that is (conv, norm) and [ReLU, conv].
+    A module that is not an ``nn.Sequential`` runs whole on the map."""
+    if not isinstance(head, nn.Sequential):
+        return head, []
+    layers = list(head)
+    cut = len(layers)
+    while cut > 0 and _is_pointwise(layers[cut - 1]):
+        cut -= 1
+    return head[:cut], layers[cut:]
+
+
+def apply_pointwise(layers: list[nn.Module], rows: torch.Tensor) -> torch.Tensor:
+    """Pointwise layers (``split_pointwise_tail``) on gathered voxels [M, ch]: a 1x1 convolution is the
+    linear map of its weight [out, in, 1, ...], activations act elementwise."""
+    for layer in layers:
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            rows = F.linear(rows, layer.weight.reshape(layer.out_channels, layer.in_channels), layer.bias)
+        else:
+            rows = layer(rows)
+    return rows
+
+
 def text_visual_contrastive_loss(deep_features: list[torch.Tensor], labels: torch.Tensor,
                                  voxel_heads: nn.ModuleList, text_heads: nn.ModuleList,
                                  text_embeddings: torch.Tensor, anchors_per_stage: tuple[int, ...],
@@ -111,6 +148,8 @@ def text_visual_contrastive_loss(deep_features: list[torch.Tensor], labels: torc
     Per stage: ``voxel_heads[s]`` projects the whole feature map (its norm needs the map), labels are
     nearest-resized to the feature grid and up to ``anchors_per_stage[s]`` voxel anchors per sample and
     class present are gathered; ``text_heads[s]`` projects the C*K prompt embeddings (the text anchors).
+    The head's pointwise tail (trailing activations and 1x1 convolutions, see ``split_pointwise_tail``)
+    runs on the gathered anchors [M, ch] instead of the whole map: the same values, M instead of B * S_s rows.
     """
     if stage_reduction not in ("sum", "mean"):
         raise ValueError(f"stage_reduction must be 'sum' or 'mean', not {stage_reduction!r}")
@@ -120,12 +159,13 @@ def text_visual_contrastive_loss(deep_features: list[torch.Tensor], labels: torc
     losses = []
     for feats, voxel_head, text_head, max_anchors in zip(deep_features, voxel_heads, text_heads,
                                                          anchors_per_stage, strict=True):
-        projected = voxel_head(feats)  # [B, ch, *S_s]
+        on_map, tail = split_pointwise_tail(voxel_head)
+        projected = on_map(feats)  # [B, ch', *S_s]
         b, ch = projected.shape[:2]
         grid_labels = resize_labels(labels, projected.shape[2:]).reshape(b, -1)
         idx, classes = sample_class_balanced_anchors(grid_labels, num_classes, max_anchors, generator)
         n = grid_labels.shape[1]
-        voxels = projected.reshape(b, ch, n)[idx // n, :, idx % n]  # [M, ch]
+        voxels = apply_pointwise(tail, projected.reshape(b, ch, n)[idx // n, :, idx % n])  # [M, ch]
         text = text_head(flat_text.to(voxels.dtype))  # [C*K, ch]
         losses.append(anchor_contrastive_loss(torch.cat([voxels, text]), torch.cat([classes, text_classes]),
                                               temperature))

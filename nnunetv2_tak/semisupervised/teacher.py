@@ -49,8 +49,9 @@ def teacher_predictions(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     Softmax and entropy are computed in float32 whatever the autocast dtype.
     """
     log_p = torch.log_softmax(logits.float(), dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1, keepdim=True)
-    return log_p.argmax(dim=1, keepdim=True), entropy
+    argmax = log_p.argmax(dim=1, keepdim=True)
+    entropy = -log_p.exp().mul_(log_p).sum(dim=1, keepdim=True)  # one [B, C, *S] temporary, not two
+    return argmax, entropy
 
 
 @torch.no_grad()
@@ -70,9 +71,11 @@ def pseudo_labels(logits: torch.Tensor, threshold: float, ignore_index: int) -> 
 @torch.no_grad()
 def pseudo_label_statistics(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """[coverage, share_0, ..., share_{C-1}] (float64 [C+1]): fraction of confident voxels and the class
-    distribution among them (zeros when none is confident)."""
+    distribution among them (zeros when none is confident). No host sync: the ignored voxels are counted with
+    weight 0 instead of being selected (a data-dependent size)."""
     flat = labels.reshape(-1)
-    counts = torch.bincount(flat[flat != ignore_index], minlength=num_classes)[:num_classes].double()
+    keep = flat != ignore_index
+    counts = torch.bincount(flat.masked_fill(~keep, 0), weights=keep.double(), minlength=num_classes)[:num_classes]
     confident = counts.sum()
     coverage = confident / max(flat.numel(), 1)
     shares = counts / confident.clamp_min(1.0)

@@ -386,13 +386,16 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         return self.grad_scaler.get_scale() >= scale  # the scale drops when the step was skipped (inf)
 
     def step_outputs(self, terms: LossTerms, unlabeled: UnlabeledBatch | None) -> dict:
-        """What the epoch's log collects: the loss, its terms and the pseudo-label statistics."""
+        """What the epoch's log collects: the loss, its terms and the pseudo-label statistics, moved to the host
+        in one transfer (one sync per step, as nnU-Net's own train_step)."""
         num_classes = self.label_manager.num_segmentation_heads
         stats = pseudo_label_statistics(unlabeled.pseudo_labels, num_classes, num_classes) if unlabeled is not None \
-            else torch.full((num_classes + 1,), float("nan"), dtype=torch.float64)
+            else torch.full((num_classes + 1,), float("nan"), dtype=torch.float64, device=self.device)
         values = torch.stack([terms.total.detach(), terms.supervised.detach(), terms.pseudo_label.detach(),
-                              terms.contrastive.detach()]).float().cpu().numpy()
-        return {"loss": values[0], "tak_terms": values[1:], "tak_pl": stats.cpu().numpy()}
+                              terms.contrastive.detach()]).float()  # [4], float32 as logged
+        host = torch.cat([values.double(), stats.to(values.device)]).cpu().numpy()  # float32 -> float64 is exact
+        values = host[:4].astype(np.float32)
+        return {"loss": values[0], "tak_terms": values[1:], "tak_pl": host[4:]}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
