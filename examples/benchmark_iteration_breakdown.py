@@ -228,19 +228,16 @@ def report(times: dict[str, list[float]], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmark_iteration_cost import add_plans_arguments, prepare
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work-dir", default="benchmark_work")
-    p.add_argument("--features", type=int, nargs=2, default=[16, 128], metavar=("BASE", "MAX"))
-    p.add_argument("--patch", type=int, nargs=3, default=[48, 64, 64])
-    p.add_argument("--batch", type=int, default=2)
+    add_plans_arguments(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the raw times (seconds per piece and repetition) to this file")
     args = p.parse_args(argv)
     os.environ["nnUNet_n_proc_DA"] = "0"  # no augmentation workers beside the measurement
     work = use_workspace(Path(args.work_dir))
-    from benchmark_iteration_cost import prepare
-
     name = prepare(work, args)
     times = run(args, name)
     print(report(times, args))

@@ -141,12 +141,17 @@ def predict_seconds(work: Path, dataset_name: str, trainer: str, device: str) ->
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_plans_arguments(p: argparse.ArgumentParser) -> None:
+    """Work folder and the plans measured (what ``prepare`` reads)."""
     p.add_argument("--work-dir", default="benchmark_work")
     p.add_argument("--features", type=int, nargs=2, default=[16, 128], metavar=("BASE", "MAX"))
     p.add_argument("--patch", type=int, nargs=3, default=[48, 64, 64])
     p.add_argument("--batch", type=int, default=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_plans_arguments(p)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds per trainer")
