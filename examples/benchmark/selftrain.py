@@ -45,6 +45,7 @@ def dataset_id(seed: int) -> int:
 
 
 def dataset_name(seed: int) -> str:
+    """Its folder name in nnUNet_raw, nnUNet_preprocessed and nnUNet_results."""
     return f"Dataset{dataset_id(seed):03d}_TAKBenchSelfTrainSeed{seed}"
 
 
