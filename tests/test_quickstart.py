@@ -82,14 +82,14 @@ def test_overlay_png_has_both_views_and_a_coloured_legend(quickstart, tmp_path):
 
 
 def test_cpu_demo_trainer_is_found_by_nnunet_with_its_own_fixed_schedule(nnunet_env, monkeypatch):
-    from bench_trainers import BenchSchedule
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
     from nnunetv2_tak.trainers.demo import nnUNetTrainerTAK_CPUDemo
+    from nnunetv2_tak.trainers.schedules import CPUSchedule
 
     found = recursive_find_trainer_class_by_name("nnUNetTrainerTAK_CPUDemo")
-    assert found is nnUNetTrainerTAK_CPUDemo and issubclass(found, (BenchSchedule, nnUNetTrainerTAK))
+    assert found is nnUNetTrainerTAK_CPUDemo and issubclass(found, CPUSchedule) and issubclass(found, nnUNetTrainerTAK)
     assert found.allow_random_text_encoder and not nnUNetTrainerTAK.allow_random_text_encoder
     monkeypatch.setenv("TAK_BENCH_EPOCHS", "3")  # the benchmark's override does not touch the demo
 

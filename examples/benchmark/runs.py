@@ -97,9 +97,10 @@ class Model:
 
 def ensure_trained(bench: Bench, model: Model, tag: str, epochs: int, newer_than: float | None = None
                    ) -> float | None:
-    """Train ``model`` with the stock ``nnUNetv2_train`` unless this run already did, or (--reuse,
-    --report-only) a finished training (checkpoint_final.pth, written after ``newer_than`` when given: a
-    time stamp) exists and ran ``epochs`` epochs. Returns the training's wall seconds (NaN: reused), or None
+    """Train ``model`` with the stock ``nnUNetv2_train`` (with --reuse an interrupted one continues from its
+    checkpoint_latest.pth) unless this run already did, or (--reuse, --report-only) a finished training
+    (checkpoint_final.pth, written after ``newer_than`` when given: a time stamp) exists and ran ``epochs``
+    epochs. Returns the training's wall seconds (NaN: reused), or None
     with --report-only when there is no finished training."""
     key = (model.dataset_id, model.trainer, model.fold)
     if key in bench.trained:
@@ -117,8 +118,14 @@ def ensure_trained(bench: Bench, model: Model, tag: str, epochs: int, newer_than
         print(f"{tag}: reusing the finished training in {model.folder}", flush=True)
         seconds = math.nan
     else:
+        # --reuse continues an interrupted training from its checkpoint_latest.pth (nnU-Net's --c; nnU-Net starts
+        # anew where there is none); its log goes to a new file so the interrupted part's log is kept
+        resume = ["--c"] if bench.reuse and (model.folder / "checkpoint_latest.pth").is_file() else []
+        if resume:
+            print(f"{tag}: continuing the interrupted training in {model.folder} (--c)", flush=True)
         seconds = run("nnUNetv2_train", str(model.dataset_id), CONFIGURATION, str(model.fold), "-tr", model.trainer,
-                      "-device", bench.device, log=bench.log(f"train_{tag}.txt"))
+                      "-device", bench.device, *resume,
+                      log=bench.log(f"train_{tag}{'_continued' if resume else ''}.txt"))
     bench.trained[key] = seconds
     return seconds
 
