@@ -69,12 +69,12 @@ def measure(kind: str, classes: int, mode: str, args: argparse.Namespace) -> dic
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-    import nnunetv2_tak.model.network
+    import nnunetv2_tak.model.dynamic_head
     from nnunetv2_tak.trainers import nnUNetTrainerTAK
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    nnunetv2_tak.model.network.EAGER_CHUNKED_FUNCTION = kind != "tak_checkpointed"
+    nnunetv2_tak.model.dynamic_head.EAGER_CHUNKED_FUNCTION = kind != "tak_checkpointed"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cm = ConfigurationManager(configuration(tuple(args.features), args.patch, args.stages))
     trainer = nnUNetTrainer if kind == "stock" else nnUNetTrainerTAK
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: features {args.features}, patch {args.patch}, {args.stages} stages, batch {args.batch}, "
           f"device {args.device}, {args.rounds}x{args.iters} timed steps per network (after one warm-up step)")
     print("\n".join(table(summary, kinds, args.device)))
-    print("targets: forward+backward <= 1.10x stock at 16 classes (DESIGN.md), <= 1.5x at 117 (issue 11)")
+    print("targets: forward+backward <= 1.10x stock at 16 classes, <= 1.5x at 117 classes")
     return 0
 
 
