@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_tak.fileio import atomic_write
 from nnunetv2_tak.trainers import (
     nnUNetTrainerMeanTeacher,
     nnUNetTrainerTAK,
@@ -66,10 +67,8 @@ def save_teacher_snapshot(output_folder: str | os.PathLike, epoch: int, teacher_
     folder = Path(output_folder) / SNAPSHOT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch_{epoch:04d}.pth"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"epoch": epoch, "teacher": {k: v.detach().cpu() for k, v in teacher_state.items()}}, tmp)
-    os.replace(tmp, path)
-    return path
+    snapshot = {"epoch": epoch, "teacher": {k: v.detach().cpu() for k, v in teacher_state.items()}}
+    return atomic_write(path, lambda tmp: torch.save(snapshot, tmp))
 
 
 def teacher_snapshots(output_folder: str | os.PathLike) -> list[tuple[int, Path]]:
