@@ -19,7 +19,7 @@ __version__ = "0.2.0"
 _API = {
     "TextPriorConfig": "nnunetv2_tak.model.network",
     "TextPriorUNet": "nnunetv2_tak.model.network",
-    "apply_dynamic_head": "nnunetv2_tak.model.network",
+    "apply_dynamic_head": "nnunetv2_tak.model.dynamic_head",
     "PromptError": "nnunetv2_tak.text.prompts",
     "load_prompt_library": "nnunetv2_tak.text.prompts",
     "resolve_prompts": "nnunetv2_tak.text.prompts",
@@ -30,6 +30,7 @@ _API = {
     "load_embedding_file": "nnunetv2_tak.text.embeddings",
     "dataset_text_embeddings": "nnunetv2_tak.text.source",
     "nnUNetTrainerTAK": "nnunetv2_tak.trainers",
+    "nnUNetTrainerMeanTeacher": "nnunetv2_tak.trainers",
 }
 
 __all__ = [*_API, "__version__"]
