@@ -114,3 +114,30 @@ def test_tak_is_the_mean_teacher_plus_text_and_contrast():
                                   "contrastive_start_fraction", "contrastive_temperature", "contrastive_anchors",
                                   "contrastive_on_unlabeled"}
     assert issubclass(nnUNetTrainerMeanTeacher, DistributedTrainerMixin)  # torchrun and -num_gpus building blocks
+
+
+def test_checked_knobs_of_an_external_trainer_module_dropped_from_sys_modules(tmp_path, monkeypatch):
+    """nnU-Net imports a trainer from an ``nnUNet_extTrainer`` folder and then drops its module from
+    ``sys.modules``; the module's postponed annotations may also name types imported only for type checkers.
+    The checkpoint's settings still come out, the subclass's own checked knob among them."""
+    import sys
+
+    (tmp_path / "user_trainer_module.py").write_text(
+        "from __future__ import annotations\n"
+        "from typing import TYPE_CHECKING, ClassVar\n"
+        "from nnunetv2_tak.trainers import nnUNetTrainerTAK\n"
+        "from nnunetv2_tak.trainers.settings import Checked\n"
+        "if TYPE_CHECKING:\n"
+        "    from somewhere_else import Helper\n"
+        "class UserTAK(nnUNetTrainerTAK):\n"
+        "    helper: Helper | None = None\n"
+        "    my_weight: ClassVar[Checked[float]] = 0.5\n"
+        "    unlabeled_batch_size: ClassVar[int] = 4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_trainer_module
+
+    user_tak = user_trainer_module.UserTAK
+    del sys.modules["user_trainer_module"]  # what nnU-Net's trainer lookup does after importing it
+    # the most derived declaration decides: unlabeled_batch_size redeclared without Checked is not checked
+    assert set(checked_knobs(user_tak)) == (set(checked_knobs(nnUNetTrainerTAK)) | {"my_weight"}) - {
+        "unlabeled_batch_size"}
