@@ -95,6 +95,7 @@ class LossTerms:
     pseudo_label: torch.Tensor
     contrastive: torch.Tensor
     deep_features: list[torch.Tensor] | None = None  # the student's deepest encoder stages, for added terms
+    backward_done: bool = False  # the gradients are already accumulated (sequential halves): step only
 
 
 def _full_resolution(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -122,6 +123,10 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
     supervised_loss: ClassVar[Checked[str]] = "dice_ce"  # "dice_ce" (nnU-Net's) or "ga" (GACE + GADice)
     ga_top_fraction: ClassVar[Checked[float]] = 0.1  # GACE keeps this fraction of voxels with the largest CE
     ga_gamma: ClassVar[Checked[float]] = 0.5  # GACE class normalisation n_c^(1-g) * M^g
+    # memory: the student runs the unlabeled, then the labeled half, one forward/backward each, so it holds the
+    # activations of one half at a time (same losses and gradients; see loss_terms_sequential). Not checked on
+    # resume: it changes where the work happens, not what is computed.
+    sequential_halves: ClassVar[bool] = False
     # --- schedule (None keeps nnU-Net's default) --------------------------------------------
     epochs: ClassVar[int | None] = None
     iterations_per_epoch: ClassVar[int | None] = None
@@ -145,6 +150,10 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         self.unlabeled_cases: list[str] = []
         self._restored_unlabeled_digest: str | None = None
         self._iteration_in_epoch = 0
+        if self.sequential_halves and self.is_ddp:
+            raise RuntimeError(f"{type(self).__name__}: sequential_halves runs several backward passes per "
+                               "iteration, which DistributedDataParallel does not support; train it on one GPU or "
+                               "set sequential_halves = False (and a smaller unlabeled_batch_size for memory)")
 
     # --- set-up -----------------------------------------------------------------------------
     def initialize(self):
@@ -326,7 +335,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             unlabeled = self.unlabeled_batch(weights["threshold"]) if self.use_unlabeled else None
             terms = self.loss_terms(data, target, unlabeled, weights)
-        if self.optimizer_step(terms.total) and self.teacher is not None:
+        if self.optimizer_step(terms.total, backward=not terms.backward_done) and self.teacher is not None:
             self.teacher.update(unwrap_network(self.network))
         return self.step_outputs(terms, unlabeled)
 
@@ -356,7 +365,10 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
     def loss_terms(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
                    unlabeled: UnlabeledBatch | None, weights: dict[str, float]) -> LossTerms:
         """One student forward on labeled + unlabeled images; supervised loss on the labeled half and the
-        weighted pseudo-label loss on the full-resolution unlabeled half."""
+        weighted pseudo-label loss on the full-resolution unlabeled half (``sequential_halves``: see
+        :meth:`loss_terms_sequential`)."""
+        if unlabeled is not None and self.sequential_halves:
+            return self.loss_terms_sequential(data, target, unlabeled, weights)
         n_labeled = data.shape[0]
         inputs = data if unlabeled is None else torch.cat([data, unlabeled.images])
         output, deep = self.student_forward(inputs)
@@ -369,15 +381,60 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
             total = total + weights["unsup"] * pseudo_label
         return LossTerms(total, supervised, pseudo_label, torch.zeros((), device=self.device), deep)
 
-    def optimizer_step(self, loss: torch.Tensor) -> bool:
-        """Backward, clip, step; whether the optimizer stepped (AMP skips steps with inf gradients).
+    def loss_terms_sequential(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
+                              unlabeled: UnlabeledBatch, weights: dict[str, float]) -> LossTerms:
+        """The terms and gradients of :meth:`loss_terms`, the student holding one half's activations at a time.
+
+        Every layer of nnU-Net's network (InstanceNorm included) and of the text prior acts on each sample
+        alone, so each half's forward/backward gives its share of the joint gradient. A term that pairs the
+        two halves (TAK's contrastive anchors) is first evaluated on both halves' deep features from a
+        no-grad encoder pass (:meth:`deep_feature_gradients`); its gradient with respect to those features is
+        then fed into each half's backward. Costs that extra encoder forward; the gradients are accumulated
+        here (``backward_done``) and ``optimizer_step`` only clips and steps."""
+        feature_term, feature_grads = self.deep_feature_gradients(data, target, unlabeled, weights)
+        n_labeled = data.shape[0]
+        output, deep = self.student_forward(unlabeled.images)
+        pseudo_label = self.unsup_criterion(_full_resolution(output), unlabeled.target)
+        self.backward(weights["unsup"] * pseudo_label, deep, None if feature_grads is None
+                      else [g[n_labeled:] for g in feature_grads])
+        del output, deep
+        output, deep = self.student_forward(data)
+        supervised = self.loss(output, target)
+        self.backward(supervised, deep, None if feature_grads is None else [g[:n_labeled] for g in feature_grads])
+        del output, deep
+        total = supervised.detach() + weights["unsup"] * pseudo_label.detach()
+        if feature_grads is not None:
+            total = total + weights["contrast"] * feature_term
+        return LossTerms(total, supervised.detach(), pseudo_label.detach(), feature_term, None, backward_done=True)
+
+    def deep_feature_gradients(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
+                               unlabeled: UnlabeledBatch, weights: dict[str, float]
+                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """For :meth:`loss_terms_sequential`: a term on the student's deep features of both halves, its value
+        and its (loss-scaled) gradients with respect to those features [B_l + B_u, ch_i, *S_i], its own
+        parameters' gradients accumulated. The mean teacher has none: (0, None)."""
+        return torch.zeros((), device=self.device), None
+
+    def backward(self, loss: torch.Tensor, features: list[torch.Tensor] | None = None,
+                 feature_grads: list[torch.Tensor] | None = None) -> None:
+        """Backward of ``loss`` (scaled by nnU-Net's grad scaler under AMP), plus, when given, the already
+        scaled gradients ``feature_grads`` flowing into ``features`` from a term evaluated elsewhere."""
+        scaled = loss if self.grad_scaler is None else self.grad_scaler.scale(loss)
+        if feature_grads is None:
+            scaled.backward()
+            return
+        torch.autograd.backward([scaled, *features], [None, *feature_grads])
+
+    def optimizer_step(self, loss: torch.Tensor, backward: bool = True) -> bool:
+        """Backward (unless the gradients are already accumulated), clip, step; whether the optimizer stepped
+        (AMP skips steps with inf gradients).
         Mirrors the update in nnUNetTrainer.train_step (nnunetv2 2.8): grad scaler, clip norm 12."""
+        if backward:
+            self.backward(loss)
         if self.grad_scaler is None:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
             return True
-        self.grad_scaler.scale(loss).backward()
         self.grad_scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
         scale = self.grad_scaler.get_scale()

@@ -162,10 +162,28 @@ class nnUNetTrainerTAK(nnUNetTrainerMeanTeacher):
                    unlabeled: UnlabeledBatch | None, weights: dict[str, float]) -> LossTerms:
         """The mean teacher's terms plus the weighted text-visual contrastive term."""
         terms = super().loss_terms(data, target, unlabeled, weights)
+        if terms.backward_done:  # sequential halves: the term was part of the passes (deep_feature_gradients)
+            return terms
         active = weights["contrast"] > 0
         contrast = self.contrastive_term(terms.deep_features, target, unlabeled, active)
         total = terms.total + (weights["contrast"] * contrast if active else contrast)  # inactive: 0 (DDP: in graph)
         return dataclasses.replace(terms, total=total, contrastive=contrast, deep_features=None)
+
+    def deep_feature_gradients(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
+                               unlabeled: UnlabeledBatch, weights: dict[str, float]
+                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The contrastive term on both halves' deepest encoder stages from one no-grad encoder pass; its
+        gradients with respect to those stages go into each half's backward (sequential halves)."""
+        if weights["contrast"] <= 0:
+            return torch.zeros((), device=self.device), None
+        network = unwrap_network(self.network)
+        with torch.no_grad():
+            skips = network.encoder(torch.cat([data, unlabeled.images]))
+        leaves = [f.detach().requires_grad_() for f in skips[-network.num_image_stages:]]
+        del skips
+        contrast = self.contrastive_term(leaves, target, unlabeled, True)
+        self.backward(weights["contrast"] * contrast)
+        return contrast.detach(), [leaf.grad for leaf in leaves]
 
     def contrastive_term(self, deep: list[torch.Tensor], target: torch.Tensor | list[torch.Tensor],
                          unlabeled: UnlabeledBatch | None, active: bool) -> torch.Tensor:
