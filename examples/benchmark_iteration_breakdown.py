@@ -15,6 +15,7 @@ Pieces (fwd+bwd: forward and backward from leaf inputs, i.e. detached copies of 
   floor: stock x2       nnUNetTrainer.train_step on labeled + unlabeled images (student on twice the batch)
   floor: teacher fwd    the stock network's no-grad forward on the unlabeled images (no deep supervision)
   TAK step              nnUNetTrainerTAK.train_step, everything
+  TAK step, sequential halves   the same with ``sequential_halves`` (the memory switch)
   teacher + pseudo      TAK's ``unlabeled_batch``: noise, teacher forward, argmax, entropy, mask
   student fwd+bwd       TAK's ``student_forward`` on twice the batch + supervised loss, backward
   stock fwd+bwd x2      the same with the stock network: the difference is the text-prior head's share
@@ -39,7 +40,8 @@ from pathlib import Path
 
 from workspace import use_workspace
 
-PIECES = ("stock step", "floor: stock x2", "floor: teacher fwd", "TAK step", "teacher + pseudo", "student fwd+bwd",
+PIECES = ("stock step", "floor: stock x2", "floor: teacher fwd", "TAK step", "TAK step, sequential halves",
+          "teacher + pseudo", "student fwd+bwd",
           "stock fwd+bwd x2", "pseudo-label loss", "contrastive term", "anchor loss", "optimizer", "EMA update",
           "step outputs")
 
@@ -122,7 +124,7 @@ def make_pieces(stock, tak) -> dict[str, Callable[[], object]]:
         net.decoder.deep_supervision = False
         try:
             with torch.no_grad():
-                net(images)
+                net(unlabeled.images)  # on the device, as the teacher sees them
         finally:
             net.decoder.deep_supervision = True
 
@@ -152,6 +154,13 @@ def make_pieces(stock, tak) -> dict[str, Callable[[], object]]:
         torch.nn.utils.clip_grad_norm_(tak.network.parameters(), 12)
         tak.optimizer.step()
 
+    def sequential_step():
+        tak.sequential_halves = True
+        try:
+            tak.train_step(batch)
+        finally:
+            tak.sequential_halves = False
+
     terms = tak.loss_terms(data, target, unlabeled, weights)
     terms = type(terms)(*(t.detach() if isinstance(t, torch.Tensor) else t for t in
                           (terms.total, terms.supervised, terms.pseudo_label, terms.contrastive)))
@@ -160,6 +169,7 @@ def make_pieces(stock, tak) -> dict[str, Callable[[], object]]:
         "floor: stock x2": lambda: stock.train_step(doubled),
         "floor: teacher fwd": floor_teacher,
         "TAK step": lambda: tak.train_step(batch),
+        "TAK step, sequential halves": sequential_step,
         "teacher + pseudo": lambda: tak.unlabeled_batch(weights["threshold"]),
         "student fwd+bwd": lambda: fwd_bwd(tak, True),
         "stock fwd+bwd x2": lambda: fwd_bwd(stock, False),

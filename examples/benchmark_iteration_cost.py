@@ -9,6 +9,7 @@ nnU-Net commands, then measures three trainers, each in its own subprocess, alte
   stock        nnUNetTrainer                          (nnU-Net's iteration)
   text_prior   nnUNetTrainerTAK_TextPriorOnly         (same iteration through the text-prior network)
   tak          nnUNetTrainerTAK                       (+ unlabeled batch, teacher, pseudo-labels, contrastive)
+  tak_sequential  nnUNetTrainerTAK, sequential_halves  (the memory switch: one half's activations at a time)
 
 ``--mode compute`` (default) times ``train_step`` on batches fetched beforehand (the compute of an
 iteration; the floor for TAK is ~2.33x: student on twice the batch plus a teacher forward on half);
@@ -35,7 +36,7 @@ from workspace import use_workspace
 
 DATASET_ID = 503
 PLANS = "nnUNetPlansBench"
-KINDS = ("stock", "text_prior", "tak")
+KINDS = ("stock", "text_prior", "tak", "tak_sequential")
 
 
 def prepare(work: Path, args: argparse.Namespace) -> str:
@@ -74,11 +75,17 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
         allow_random_text_encoder = True
         contrastive_start_fraction = 0.0  # steady state: every term active
 
+    class BenchTAKSequential(nnUNetTrainerTAK):
+        allow_random_text_encoder = True
+        contrastive_start_fraction = 0.0
+        sequential_halves = True
+
     class BenchTextPrior(nnUNetTrainerTAK_TextPriorOnly):
         allow_random_text_encoder = True
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports, before the trainer
-    cls = {"stock": nnUNetTrainer, "text_prior": BenchTextPrior, "tak": BenchTAK}[kind]
+    cls = {"stock": nnUNetTrainer, "text_prior": BenchTextPrior, "tak": BenchTAK,
+           "tak_sequential": BenchTAKSequential}[kind]
     pre = Path(os.environ["nnUNet_preprocessed"]) / args.dataset_name
     plans = json.loads((pre / f"{PLANS}.json").read_text())
     plans["continue_training"] = False  # nnU-Net 2.8 reads (and pops) this key
@@ -91,7 +98,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     n = args.warmup + args.iters
     if args.mode == "compute":
         labeled = [next(trainer.dataloader_train) for _ in range(n)]
-        if kind == "tak":
+        if kind.startswith("tak"):
             unlabeled = [next(trainer.dataloader_unlabeled) for _ in range(n)]
             real_unlabeled, trainer.dataloader_unlabeled = trainer.dataloader_unlabeled, iter(unlabeled)
         time.sleep(2.0)  # let the augmentation workers fill their queues and go idle
@@ -117,7 +124,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start) / 1024)
-    if args.mode == "compute" and kind == "tak":
+    if args.mode == "compute" and kind.startswith("tak"):
         trainer.dataloader_unlabeled = real_unlabeled
     trainer.disable_checkpointing = False  # on_train_end writes checkpoint_final.pth for the predict timing
     trainer.on_train_end()
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds per trainer")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mode", choices=["compute", "full"], default="compute")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS[:3]))
     p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--dataset-name", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
