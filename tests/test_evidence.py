@@ -108,3 +108,24 @@ def test_overlap_counts_and_dice():
 
 def test_interval_describe_nan():
     assert Interval(float("nan"), float("nan"), float("nan")).describe() == "n/a"
+
+
+def test_compare_runs_pairs_the_shared_seed_case_units_of_two_files(tmp_path, capsys):
+    """Two per-case files (two schedules): only the (seed, case) pairs both have are compared."""
+    import compare_runs
+
+    def write(path, method, cases, offset):
+        rows = ["method,seed,case,label,dice,nsd,hd95"]
+        rows += [f"{method},0,{case},{label},{0.1 * label + offset + 0.01 * i},0,0"
+                 for i, case in enumerate(cases) for label in (1, 2)]
+        path.write_text("\n".join(rows) + "\n")
+
+    write(tmp_path / "long.csv", "tak", ["c0", "c1", "c2"], 0.3)
+    write(tmp_path / "short.csv", "tak", ["c1", "c2", "c3"], 0.2)  # c1, c2 shared (the i-offsets differ)
+    assert compare_runs.main(["--a", f"{tmp_path / 'long.csv'}:tak", "--b", f"{tmp_path / 'short.csv'}:tak",
+                              "--small-labels", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 (seed, case) pairs, seeds [0]" in out
+    assert "mean over organs: +0.110 [0.110, 0.110]" in out and "small organs: +0.110 [0.110, 0.110]" in out
+    with pytest.raises(SystemExit, match="no rows of method 'stock'"):
+        compare_runs.main(["--a", f"{tmp_path / 'long.csv'}:stock", "--b", f"{tmp_path / 'short.csv'}:tak"])
