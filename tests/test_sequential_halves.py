@@ -52,8 +52,11 @@ def test_sequential_halves_give_the_joint_losses_and_gradients(nnunet_env, contr
         assert contrastive > 0 if contrast_weight else contrastive == 0
         assert seq_grads.keys() == joint_grads.keys()
         assert any(name.startswith("contrast.") for name in joint_grads) == (contrast_weight > 0)
+        # float32 sums over another split of the voxels: compare each tensor's difference with its norm (a
+        # conv bias before InstanceNorm has a true gradient of 0, hence the absolute floor)
         for name, grad in joint_grads.items():
-            torch.testing.assert_close(seq_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            difference, scale = float((seq_grads[name] - grad).norm()), float(grad.norm())
+            assert difference <= 1e-4 * scale + 1e-5, f"{name}: |difference| {difference:.2e}, |gradient| {scale:.2e}"
 
         trainer.sequential_halves = True  # and a whole iteration: backward already done, clip and step
         before = [p.detach().clone() for p in trainer.network.parameters()]

@@ -404,7 +404,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         del output, deep
         total = supervised.detach() + weights["unsup"] * pseudo_label.detach()
         if feature_grads is not None:
-            total = total + weights["contrast"] * feature_term
+            total = total + weights.get("contrast", 1.0) * feature_term
         return LossTerms(total, supervised.detach(), pseudo_label.detach(), feature_term, None, backward_done=True)
 
     def deep_feature_gradients(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],

@@ -183,7 +183,7 @@ class nnUNetTrainerTAK(nnUNetTrainerMeanTeacher):
         del skips
         contrast = self.contrastive_term(leaves, target, unlabeled, True)
         self.backward(weights["contrast"] * contrast)
-        return contrast.detach(), [leaf.grad for leaf in leaves]
+        return contrast.detach(), [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
 
     def contrastive_term(self, deep: list[torch.Tensor], target: torch.Tensor | list[torch.Tensor],
                          unlabeled: UnlabeledBatch | None, active: bool) -> torch.Tensor:
