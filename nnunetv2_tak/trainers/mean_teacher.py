@@ -393,18 +393,21 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         here (``backward_done``) and ``optimizer_step`` only clips and steps."""
         feature_term, feature_grads = self.deep_feature_gradients(data, target, unlabeled, weights)
         n_labeled = data.shape[0]
+        labeled_grads = unlabeled_grads = None
+        if feature_grads is not None:
+            labeled_grads = [g[:n_labeled] for g in feature_grads]
+            unlabeled_grads = [g[n_labeled:] for g in feature_grads]
         output, deep = self.student_forward(unlabeled.images)
         pseudo_label = self.unsup_criterion(_full_resolution(output), unlabeled.target)
-        self.backward(weights["unsup"] * pseudo_label, deep, None if feature_grads is None
-                      else [g[n_labeled:] for g in feature_grads])
+        self.backward(weights["unsup"] * pseudo_label, deep, unlabeled_grads)
         del output, deep
         output, deep = self.student_forward(data)
         supervised = self.loss(output, target)
-        self.backward(supervised, deep, None if feature_grads is None else [g[:n_labeled] for g in feature_grads])
+        self.backward(supervised, deep, labeled_grads)
         del output, deep
         total = supervised.detach() + weights["unsup"] * pseudo_label.detach()
-        if feature_grads is not None:
-            total = total + weights.get("contrast", 1.0) * feature_term
+        if feature_grads is not None:  # only a trainer with a deep-feature term (TAK) weighs one: "contrast"
+            total = total + weights["contrast"] * feature_term
         return LossTerms(total, supervised.detach(), pseudo_label.detach(), feature_term, None, backward_done=True)
 
     def deep_feature_gradients(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
