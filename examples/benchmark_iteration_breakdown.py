@@ -99,7 +99,7 @@ def make_pieces(stock, tak) -> dict[str, Callable[[], object]]:
 
     unlabeled = tak.unlabeled_batch(weights["threshold"])
     with torch.no_grad():
-        output, deep = tak.student_forward(torch.cat([data, unlabeled.images]))
+        output, deep = tak.student_forward(torch.cat([data, unlabeled.images]), labeled=n)
     full_res = output[0] if isinstance(output, list) else output
     logits_leaf = full_res[n:].detach()
     deep_leaves = [f.detach() for f in deep]
@@ -131,7 +131,7 @@ def make_pieces(stock, tak) -> dict[str, Callable[[], object]]:
     def fwd_bwd(trainer, with_deep: bool):
         trainer.optimizer.zero_grad(set_to_none=True)
         inputs = torch.cat([data, unlabeled.images])
-        out = trainer.student_forward(inputs)[0] if with_deep else trainer.network(inputs)
+        out = trainer.student_forward(inputs, labeled=n)[0] if with_deep else trainer.network(inputs)
         labeled = [o[:n] for o in out] if isinstance(out, list) else out[:n]
         trainer.loss(labeled, target).backward()
 

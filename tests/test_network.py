@@ -145,6 +145,31 @@ def test_text_changes_the_output_and_gradients_reach_every_part():
     assert not torch.allclose(out1[0], net(x)[0])
 
 
+@pytest.mark.parametrize("samples", [0, 1])
+def test_lower_outputs_for_the_first_samples_only_keep_values_and_gradients(samples):
+    """deep_supervision_samples n: the full-resolution output for all samples, the lower ones for the first n;
+    what is returned and the gradients of a loss that reads it equal the whole list's."""
+    torch.manual_seed(0)
+    net = build("plain", 3, True)
+    net.set_text_embeddings(torch.randn(NUM_CLASSES, 2, 512))
+    x = torch.randn(3, 1, 32, 32, 32)
+    results = []
+    for n in (None, samples):
+        net.zero_grad()
+        out = net(x, deep_supervision_samples=n)
+        if n is not None:
+            assert out[0].shape[0] == 3 and all(o.shape[0] == n for o in out[1:])
+        read = [out[0], *[o[:samples] for o in out[1:]]]
+        sum(o.square().mean() if o.numel() else o.sum() for o in read).backward()
+        results.append((read, {k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                               for k, p in net.named_parameters()}))
+    (whole, whole_grads), (first, first_grads) = results
+    for a, b in zip(first, whole, strict=True):
+        torch.testing.assert_close(a, b)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(first_grads[name], grad, msg=name)
+
+
 def test_chunked_head_matches_plain_graph_in_values_and_gradients():
     torch.manual_seed(0)
     cfg = TextPriorConfig()

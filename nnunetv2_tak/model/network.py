@@ -239,9 +239,15 @@ class TextPriorUNet(nn.Module):
         with torch.no_grad():
             self.text_prior.text_embeddings.copy_(embeddings)
 
-    def forward(self, x: torch.Tensor, return_deep_features: bool = False):
+    def forward(self, x: torch.Tensor, return_deep_features: bool = False,
+                deep_supervision_samples: int | None = None):
         """-> logits (or the deep-supervision list); with ``return_deep_features`` also the deepest
-        encoder stages [B, ch_i, *S_i] (shallow to deep) used by the image branch and the contrastive term."""
+        encoder stages [B, ch_i, *S_i] (shallow to deep) used by the image branch and the contrastive term.
+
+        ``deep_supervision_samples`` n: the lower-resolution outputs of the list hold the first n samples only
+        ([n, C, *S_i]; the full-resolution output keeps all B). For a batch whose last samples are read at full
+        resolution alone (the unlabeled half: the pseudo-label loss), so the dynamic head does not run where no
+        loss reads it; the values of what is returned are unchanged."""
         skips = self.encoder(x)
         deep = skips[-self.num_image_stages:]
         params = self.text_prior(deep)  # [B, C, P]
@@ -249,10 +255,18 @@ class TextPriorUNet(nn.Module):
         h = self.config.head_channels
         chunk = head_chunk_voxels(self.config.chunk_voxels, self.num_classes, h)
         if isinstance(head_features, list | tuple):
-            logits = [apply_dynamic_head(f, params, h, chunk) for f in head_features]
+            n = x.shape[0] if deep_supervision_samples is None else deep_supervision_samples
+            logits = [apply_dynamic_head(f, params, h, chunk) if i == 0 or n == x.shape[0]
+                      else self._head_on_first(f, params, n, chunk) for i, f in enumerate(head_features)]
         else:
             logits = apply_dynamic_head(head_features, params, h, chunk)
         return (logits, list(deep)) if return_deep_features else logits
+
+    def _head_on_first(self, features: torch.Tensor, params: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+        """The head on the first ``n`` samples of features [B, h, *S] -> [n, C, *S] (an empty batch for 0)."""
+        if n <= 0:
+            return features.new_empty((0, self.num_classes, *features.shape[2:]))
+        return apply_dynamic_head(features[:n], params[:n], self.config.head_channels, chunk)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

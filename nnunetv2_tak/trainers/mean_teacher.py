@@ -358,8 +358,12 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
             pseudo = mask_unconfident(argmax, entropy, threshold, ignore_index=num_classes)
         return UnlabeledBatch(images, argmax if self.unsup_loss == "ga_dice" else pseudo, pseudo)
 
-    def student_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor], list | None]:
-        """The student's output on [B, c, *S] and the deep features later terms need (none here)."""
+    def student_forward(self, inputs: torch.Tensor, labeled: int | None = None
+                        ) -> tuple[torch.Tensor | list[torch.Tensor], list | None]:
+        """The student's output on [B, c, *S] and the deep features later terms need (none here). The samples
+        from ``labeled`` on are unlabeled (None: all labeled): a loss reads their full-resolution output only,
+        so a network may leave their lower deep-supervision outputs out (nnU-Net's segmentation layers, a
+        1x1 convolution, compute them anyway)."""
         return self.network(inputs), None
 
     def loss_terms(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
@@ -371,7 +375,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
             return self.loss_terms_sequential(data, target, unlabeled, weights)
         n_labeled = data.shape[0]
         inputs = data if unlabeled is None else torch.cat([data, unlabeled.images])
-        output, deep = self.student_forward(inputs)
+        output, deep = self.student_forward(inputs, labeled=n_labeled)
         labeled = [o[:n_labeled] for o in output] if isinstance(output, list) else output[:n_labeled]
         supervised = self.loss(labeled, target)
         pseudo_label = torch.zeros((), device=self.device)
@@ -397,7 +401,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
         if feature_grads is not None:
             labeled_grads = [g[:n_labeled] for g in feature_grads]
             unlabeled_grads = [g[n_labeled:] for g in feature_grads]
-        output, deep = self.student_forward(unlabeled.images)
+        output, deep = self.student_forward(unlabeled.images, labeled=0)
         pseudo_label = self.unsup_criterion(_full_resolution(output), unlabeled.target)
         self.backward(weights["unsup"] * pseudo_label, deep, unlabeled_grads)
         del output, deep

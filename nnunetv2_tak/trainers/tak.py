@@ -154,9 +154,12 @@ class nnUNetTrainerTAK(nnUNetTrainerMeanTeacher):
             else 0.0
         return weights
 
-    def student_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor], list]:
-        """Logits (or the deep-supervision list) and the deepest encoder stages for the contrastive term."""
-        return self.network(inputs, return_deep_features=True)
+    def student_forward(self, inputs: torch.Tensor, labeled: int | None = None
+                        ) -> tuple[torch.Tensor | list[torch.Tensor], list]:
+        """Logits (or the deep-supervision list; its lower-resolution outputs for the first ``labeled`` samples
+        only: the text-prior head does not run where no loss reads it) and the deepest encoder stages for the
+        contrastive term."""
+        return self.network(inputs, return_deep_features=True, deep_supervision_samples=labeled)
 
     def loss_terms(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
                    unlabeled: UnlabeledBatch | None, weights: dict[str, float]) -> LossTerms:
