@@ -255,15 +255,18 @@ class TextPriorUNet(nn.Module):
         h = self.config.head_channels
         chunk = head_chunk_voxels(self.config.chunk_voxels, self.num_classes, h)
         if isinstance(head_features, list | tuple):
-            n = x.shape[0] if deep_supervision_samples is None else deep_supervision_samples
-            logits = [apply_dynamic_head(f, params, h, chunk) if i == 0 or n == x.shape[0]
-                      else self._head_on_first(f, params, n, chunk) for i, f in enumerate(head_features)]
+            full, *lower = head_features
+            logits = [apply_dynamic_head(full, params, h, chunk),
+                      *(self._head_on_first(f, params, deep_supervision_samples, chunk) for f in lower)]
         else:
             logits = apply_dynamic_head(head_features, params, h, chunk)
         return (logits, list(deep)) if return_deep_features else logits
 
-    def _head_on_first(self, features: torch.Tensor, params: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
-        """The head on the first ``n`` samples of features [B, h, *S] -> [n, C, *S] (an empty batch for 0)."""
+    def _head_on_first(self, features: torch.Tensor, params: torch.Tensor, n: int | None, chunk: int) -> torch.Tensor:
+        """The head on the first ``n`` samples (None: all) of features [B, h, *S] -> [n, C, *S] (an empty batch
+        for 0)."""
+        if n is None:
+            return apply_dynamic_head(features, params, self.config.head_channels, chunk)
         if n <= 0:
             return features.new_empty((0, self.num_classes, *features.shape[2:]))
         return apply_dynamic_head(features[:n], params[:n], self.config.head_channels, chunk)
