@@ -129,3 +129,19 @@ def test_compare_runs_pairs_the_shared_seed_case_units_of_two_files(tmp_path, ca
     assert "mean over organs: +0.110 [0.110, 0.110]" in out and "small organs: +0.110 [0.110, 0.110]" in out
     with pytest.raises(SystemExit, match="no rows of method 'stock'"):
         compare_runs.main(["--a", f"{tmp_path / 'long.csv'}:stock", "--b", f"{tmp_path / 'short.csv'}:tak"])
+
+
+def test_compare_runs_joins_the_reports_of_several_seeds_and_refuses_a_unit_twice(tmp_path, capsys):
+    """``FILE,FILE:METHOD``: each seed's report once; the same (seed, case, organ) in two files stops."""
+    import compare_runs
+
+    for seed, offset in ((0, 0.3), (1, 0.5)):
+        rows = ["method,seed,case,label,dice,nsd,hd95"] + [f"{m},{seed},c0,1,{offset + d},0,0"
+                                                         for m, d in (("tak", 0.1), ("stock", 0.0))]
+        (tmp_path / f"seed{seed}.csv").write_text("\n".join(rows) + "\n")
+    both = f"{tmp_path / 'seed0.csv'},{tmp_path / 'seed1.csv'}"
+    assert compare_runs.main(["--a", f"{both}:tak", "--b", f"{both}:stock"]) == 0
+    out = capsys.readouterr().out
+    assert "2 (seed, case) pairs, seeds [0, 1]" in out and "mean over organs: +0.100 [0.100, 0.100]" in out
+    with pytest.raises(SystemExit, match="seed 0 case c0 label 1 is also in another file"):
+        compare_runs.main(["--a", f"{tmp_path / 'seed0.csv'},{tmp_path / 'seed0.csv'}:tak", "--b", f"{both}:stock"])

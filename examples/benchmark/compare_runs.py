@@ -5,7 +5,9 @@
         --seeds 0 --small-labels 4 5 8 9 10 11 12 13 15 \\
         --dataset-json bench160/nnUNet_raw/Dataset510_TAKBenchmark/dataset.json
 
-Each side is ``FILE:METHOD`` (a ``per_case.csv`` the benchmark writes: method, seed, case, label, dice, ...).
+Each side is ``FILE:METHOD`` (a ``per_case.csv`` the benchmark writes: method, seed, case, label, dice, ...),
+or ``FILE,FILE,...:METHOD`` to join the reports of runs that trained different seeds (a (seed, case, organ)
+in two of them stops the comparison).
 The units are the (seed, test case) pairs both sides have; the difference a - b is the paired bootstrap of
 ``evidence.paired_difference`` (10,000 resamples, seeded), on the mean over organs, on the small organs
 (``--small-labels``, e.g. the groups the benchmark's report names for its cohort) and per organ. Two work
@@ -28,17 +30,23 @@ from evidence import group_statistic, paired_difference
 
 
 def read_side(spec: str, seeds: list[int] | None) -> dict[tuple[int, str], dict[int, float]]:
-    """``FILE:METHOD`` -> {(seed, case): {label: dice}}."""
-    path, _, method = spec.rpartition(":")
-    if not path or not method:
+    """``FILE[,FILE...]:METHOD`` -> {(seed, case): {label: dice}}."""
+    paths, _, method = spec.rpartition(":")
+    if not paths or not method:
         raise SystemExit(f"{spec!r}: expected FILE:METHOD, e.g. bench160/report/per_case.csv:tak")
     scores: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["method"] == method and (seeds is None or int(row["seed"]) in seeds):
-                scores[(int(row["seed"]), row["case"])][int(row["label"])] = float(row["dice"])
+    for path in paths.split(","):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["method"] != method or (seeds is not None and int(row["seed"]) not in seeds):
+                    continue
+                unit, label = (int(row["seed"]), row["case"]), int(row["label"])
+                if label in scores[unit]:
+                    raise SystemExit(f"{path}: {method} seed {unit[0]} case {unit[1]} label {label} is also in "
+                                     f"another file of {spec!r}; give each seed's report once")
+                scores[unit][label] = float(row["dice"])
     if not scores:
-        raise SystemExit(f"{path} has no rows of method {method!r}" + (f" for seeds {seeds}" if seeds else ""))
+        raise SystemExit(f"{paths} has no rows of method {method!r}" + (f" for seeds {seeds}" if seeds else ""))
     return scores
 
 
