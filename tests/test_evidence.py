@@ -145,3 +145,34 @@ def test_compare_runs_joins_the_reports_of_several_seeds_and_refuses_a_unit_twic
     assert "2 (seed, case) pairs, seeds [0, 1]" in out and "mean over organs: +0.100 [0.100, 0.100]" in out
     with pytest.raises(SystemExit, match="seed 0 case c0 label 1 is also in another file"):
         compare_runs.main(["--a", f"{tmp_path / 'seed0.csv'},{tmp_path / 'seed0.csv'}:tak", "--b", f"{both}:stock"])
+
+
+def test_convergence_reads_the_schedule_and_the_organs_at_zero_from_a_finished_training(tmp_path, capsys):
+    """A results folder as nnU-Net writes it (checkpoint_final.pth's log, validation/summary.json): the
+    pseudo-Dice at the schedule's quarters, the last quarter's gain and the organs at 0 online and in the
+    final validation; a method without a finished training is listed as skipped."""
+    import json
+
+    import convergence
+    import torch
+
+    raw = tmp_path / "nnUNet_raw" / "Dataset510_TAKBenchmark"
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "adrenal": 2}}))
+    fold = tmp_path / "nnUNet_results" / raw.name / "nnUNetTrainer_Bench__nnUNetPlans__3d_fullres" / "fold_2"
+    (fold / "validation").mkdir(parents=True)
+    ema = [0.1 * e for e in range(1, 9)]  # 8 epochs: quarters at epochs 2, 4, 6, 8
+    per_class = [[0.5, 0.2]] * 5 + [[0.9, 0.0]] * 3  # the adrenal lost in the last 3 epochs
+    torch.save({"logging": {"ema_fg_dice": ema, "dice_per_class_or_region": per_class}}, fold / "checkpoint_final.pth")
+    (fold / "validation" / "summary.json").write_text(json.dumps({
+        "foreground_mean": {"Dice": 0.45},
+        "mean": {"1": {"Dice": 0.9, "n_ref": 10.0}, "2": {"Dice": 0.0, "n_ref": 3.0}}}))
+    out_csv = tmp_path / "conv.csv"
+    assert convergence.main(["--work-dir", str(tmp_path), "--seeds", "1", "--methods", "stock", "tak",
+                             "--tail", "3", "--csv", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "| stock | 1 | 8 | 0.200 | 0.400 | 0.600 | 0.800 | +0.200 | 0.450 | adrenal | adrenal |" in out
+    assert "not finished (skipped): tak_seed1" in out
+    assert out_csv.read_text().splitlines()[1].startswith("stock,1,8,")
+    with pytest.raises(SystemExit, match="no finished training"):
+        convergence.main(["--work-dir", str(tmp_path), "--seeds", "0", "--methods", "stock"])
