@@ -31,20 +31,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selftrain
 from cohort import DATASET_ID
-from methods import METHODS
+from methods import METHODS, benchmark_model
 from runs import CONFIGURATION, PLANS
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def training_folder(work: Path, method: str, seed: int) -> Path | None:
-    """Results folder of ``method``'s (final) training of ``seed`` in ``work``; None when its dataset is absent."""
-    trainer, kind = METHODS[method]
-    dataset_id, fold = DATASET_ID, 2 * seed + (1 if kind == "reference" else 0)
-    if kind == "selftrain":
-        dataset_id, fold = selftrain.dataset_id(seed), 0
-    datasets = sorted((work / "nnUNet_results").glob(f"Dataset{dataset_id:03d}_*"))
-    return datasets[0] / f"{trainer}__{PLANS}__{CONFIGURATION}" / f"fold_{fold}" if datasets else None
+    """Results folder of ``method``'s (final) training of ``seed`` in ``work``; None when its dataset is absent.
+    Built from ``work`` rather than ``Model.folder``, which reads nnU-Net's results path from the environment."""
+    model = benchmark_model(method, seed)
+    if method == "selftrain":
+        model = selftrain.second_model(seed, model.trainer)
+    datasets = sorted((work / "nnUNet_results").glob(f"Dataset{model.dataset_id:03d}_*"))
+    return (datasets[0] / f"{model.trainer}__{PLANS}__{CONFIGURATION}" / f"fold_{model.fold}"
+            if datasets else None)
 
 
 def read_training(folder: Path, labels: dict[int, str], tail: int) -> dict:

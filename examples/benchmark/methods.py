@@ -43,14 +43,21 @@ def text_methods(methods: list[str]) -> list[str]:
     return [m for m in methods if m.startswith("tak") and m not in TEXT_FREE]
 
 
+def benchmark_model(method: str, seed: int, long_reference: bool = False) -> Model:
+    """``method``'s training of ``seed`` on the benchmark dataset (for selftrain: the stock training it starts
+    from; ``selftrain.model`` is its second one); ``long_reference``: the reference ran --reference-epochs."""
+    trainer, kind = METHODS["stock" if method == "selftrain" else method]
+    if kind == "reference" and long_reference:
+        trainer = REFERENCE_LONG
+    return Model(DATASET_ID, trainer, 2 * seed + (1 if kind == "reference" else 0))
+
+
 def train(bench: Bench, method: str, seed: int) -> Model | None:
     """Train (or reuse) ``method``'s model of ``seed`` on the benchmark dataset (not selftrain's second
     training); None with --report-only when it has not finished."""
-    trainer, kind = METHODS[method]
-    epochs = bench.epochs
-    if kind == "reference" and bench.reference_epochs != bench.epochs:
-        trainer, epochs = REFERENCE_LONG, bench.reference_epochs
-    model = Model(DATASET_ID, trainer, 2 * seed + (1 if kind == "reference" else 0))
+    long_reference = METHODS[method][1] == "reference" and bench.reference_epochs != bench.epochs
+    model = benchmark_model(method, seed, long_reference)
+    epochs = bench.reference_epochs if long_reference else bench.epochs
     return None if ensure_trained(bench, model, f"{method}_seed{seed}", epochs) is None else model
 
 

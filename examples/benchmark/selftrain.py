@@ -44,6 +44,11 @@ def dataset_id(seed: int) -> int:
     return DATASET_ID + 1 + seed
 
 
+def second_model(seed: int, trainer: str) -> Model:
+    """The second training of ``seed``: ``trainer`` on the seed's self-training dataset, its one fold 0."""
+    return Model(dataset_id(seed), trainer, 0)
+
+
 def dataset_name(seed: int) -> str:
     """Its folder name in nnUNet_raw, nnUNet_preprocessed and nnUNet_results."""
     return f"Dataset{dataset_id(seed):03d}_TAKBenchSelfTrainSeed{seed}"
@@ -182,7 +187,7 @@ def train(bench: Bench, seed: int, stock: Model) -> tuple[Model, dict] | None:
         pseudo, built_done = predict_pool(bench, stock, seed, cases, folder), False
     if not (built_done and reuse):
         built = build_dataset(bench, seed, pseudo, folder)
-    model = Model(dataset_id(seed), stock.trainer, 0)
+    model = second_model(seed, stock.trainer)
     if ensure_trained(bench, model, f"selftrain_seed{seed}", bench.epochs, newer_than=built["created"]) is None:
         return None
     return model, {"first_train_wall_min": training_stats(stock.folder)["train_wall_min"],
