@@ -139,8 +139,9 @@ class _ChunkedDynamicHead(torch.autograd.Function):
                     grads[4] += torch.bmm(gy, a2.transpose(1, 2))
                     grads[3] += g2.sum(dim=2, keepdim=True)
                     grads[2] += torch.bmm(g2, a1v.transpose(1, 2))
+                del a2  # read no more: g1's matmul result and g1 then live beside a1 and g2 only (four maps)
                 g1 = _relu_backward(torch.bmm(w2.transpose(1, 2), g2), a1v).view(b, c * h, -1)  # ReLU 1
-                del a1, a1v, a2, g2
+                del a1, a1v, g2
                 if grads is not None:
                     grads[1] += g1.sum(dim=2, keepdim=True)
                     grads[0] += torch.bmm(g1, xs.transpose(1, 2))
