@@ -45,7 +45,7 @@ def text_methods(methods: list[str]) -> list[str]:
 
 def benchmark_model(method: str, seed: int, long_reference: bool = False) -> Model:
     """``method``'s training of ``seed`` on the benchmark dataset (for selftrain: the stock training it starts
-    from; ``selftrain.model`` is its second one); ``long_reference``: the reference ran --reference-epochs."""
+    from; ``selftrain.second_model`` is its second one); ``long_reference``: the reference ran --reference-epochs."""
     trainer, kind = METHODS["stock" if method == "selftrain" else method]
     if kind == "reference" and long_reference:
         trainer = REFERENCE_LONG
