@@ -78,3 +78,33 @@ def test_sequential_halves_under_ddp_is_refused_by_name(nnunet_env, tmp_path):
             new_trainer(SequentialHalves, nnunet_env)
     finally:
         dist.destroy_process_group()
+
+
+class OneUnlabeledPatch(SequentialHalves):
+    unlabeled_batch_size = 1
+
+
+@pytest.mark.parametrize("cls, advised, not_advised", [
+    (nnUNetTrainerTAK_RandomText_Debug, ["sequential_halves = True", "unlabeled_batch_size = 1"], []),
+    (SequentialHalves, ["unlabeled_batch_size = 1"], ["sequential_halves"]),
+    (OneUnlabeledPatch, [], ["sequential_halves", "unlabeled_batch_size"]),
+])
+def test_simulated_out_of_memory_names_the_knobs_not_yet_set(nnunet_env, monkeypatch, cls, advised, not_advised):
+    """An out-of-memory error raised inside the step (simulated: this CPU run has no GPU to exhaust) comes back
+    as the same error type, the original message first, then the memory knobs this trainer has not set."""
+    trainer = new_trainer(cls, nnunet_env)
+    trainer.initialize()
+
+    def out_of_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "labeled_batch", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        trainer.train_step({})
+    message = str(caught.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert cls.__name__ in message and "-gpu_memory_target" in message
+    for knob in advised:
+        assert knob in message
+    for knob in not_advised:
+        assert knob not in message

@@ -327,7 +327,31 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
     # --- one iteration ----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
         """Labeled batch (nnU-Net's) + an unlabeled batch: the teacher's targets, one student forward on both,
-        the loss terms, the optimizer step, then the teacher's EMA update."""
+        the loss terms, the optimizer step, then the teacher's EMA update. Out of GPU memory, the error says
+        which knobs of this trainer lower its memory."""
+        try:
+            return self._train_step(batch)
+        except torch.OutOfMemoryError as exc:
+            raise torch.OutOfMemoryError(f"{exc}\n\n{self.memory_advice()}") from exc
+
+    def memory_advice(self) -> str:
+        """What lowers this trainer's peak memory, for an out-of-memory error (README "GPU memory")."""
+        batch = self.batch_size
+        unlabeled = self.unlabeled_batch_size or batch
+        patch = "x".join(str(s) for s in self.configuration_manager.patch_size)
+        holds = f"the labeled batch ({batch}) plus the unlabeled batch ({unlabeled})" if self.use_unlabeled \
+            else f"the labeled batch ({batch})"
+        lines = [f"{type(self).__name__} ran out of memory: its student holds activations for {holds} of {patch} "
+                 "patches. What lowers that, set in a subclass of this trainer (README, \"GPU memory\"):"]
+        if self.use_unlabeled and not self.sequential_halves and not self.is_ddp:
+            lines.append("  - sequential_halves = True: one half's activations at a time, same losses and gradients")
+        if self.use_unlabeled and unlabeled > 1:
+            lines.append("  - unlabeled_batch_size = 1: fewer unlabeled patches per step")
+        lines.append("  - or plan for less memory: nnUNetv2_plan_experiment -d ID -gpu_memory_target GB "
+                     "-overwrite_plans_name NAME, then nnUNetv2_preprocess and train with -p NAME")
+        return "\n".join(lines)
+
+    def _train_step(self, batch: dict) -> dict:
         data, target = self.labeled_batch(batch)
         weights = self.ssl_weights(self.training_progress(self._iteration_in_epoch))
         self._iteration_in_epoch += 1
