@@ -270,6 +270,11 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
             sources.append((self.preprocessed_dataset_folder, split_cases))
         return sources
 
+    @property
+    def unlabeled_patches_per_step(self) -> int:
+        """Unlabeled patches per step in this process: ``unlabeled_batch_size``, or the labeled batch."""
+        return self.unlabeled_batch_size or self.batch_size
+
     def unlabeled_digest(self) -> str:
         return hashlib.sha256("\n".join(sorted(self.unlabeled_cases)).encode()).hexdigest()
 
@@ -299,7 +304,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
             self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
-        loader = nnUNetDataLoader(dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+        loader = nnUNetDataLoader(dataset, self.unlabeled_patches_per_step, initial_patch_size,
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)
         loader.has_ignore = False  # with an ignore label nnU-Net samples annotated voxels; here: random patches
@@ -337,7 +342,7 @@ class nnUNetTrainerMeanTeacher(DistributedTrainerMixin, nnUNetTrainer):
     def memory_advice(self) -> str:
         """What lowers this trainer's peak memory, for an out-of-memory error (README "GPU memory")."""
         batch = self.batch_size
-        unlabeled = self.unlabeled_batch_size or batch
+        unlabeled = self.unlabeled_patches_per_step
         patch = "x".join(str(s) for s in self.configuration_manager.patch_size)
         holds = f"the labeled batch ({batch}) plus the unlabeled batch ({unlabeled})" if self.use_unlabeled \
             else f"the labeled batch ({batch})"
